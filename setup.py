@@ -1,0 +1,32 @@
+"""hdmole: HDMoLE (hierarchical routing + dynamic thresholds mixture of LoRA experts) for LLM-based ASR."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+REQUIREMENTS = [
+    line.strip()
+    for line in (HERE / "requirements.txt").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+]
+
+setup(
+    name="hdmole",
+    version="0.1.0",
+    description="Mixture of LoRA experts with hierarchical routing and dynamic thresholds for LLM-based ASR",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["hdmole", "hdmole.*"]),
+    package_data={"hdmole": ["py.typed"]},
+    install_requires=REQUIREMENTS,
+    entry_points={
+        "console_scripts": [
+            "hdmole-prepare=hdmole.bin.prepare:main",
+            "hdmole-train=hdmole.bin.train:main",
+            "hdmole-decode=hdmole.bin.decode:main",
+            "hdmole-score=hdmole.bin.score:main",
+        ]
+    },
+)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create or update the project's virtual environment in .venv (idempotent).
+# Everything is resolved in ONE pip command with torch pinned, so pip takes the CPU
+# wheel and never a multi-GB CUDA build. Re-running with unchanged requirements is a no-op.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${HDMOLE_VENV:-${root}/.venv}"
+python="${PYTHON:-python3}"
+stamp="${venv}/.hdmole-requirements.sha256"
+want="$(cat "${root}/requirements.txt" "${root}/setup.py" | sha256sum | cut -d' ' -f1)"
+
+if [ -f "${stamp}" ] && [ "$(cat "${stamp}")" = "${want}" ] && [ -x "${venv}/bin/python" ]; then
+    echo "[setup_env] ${venv} is up to date"
+    exit 0
+fi
+echo "[setup_env] creating/updating ${venv} (about 1 minute, 1.5 GB)"
+[ -x "${venv}/bin/python" ] || "${python}" -m venv "${venv}"
+"${venv}/bin/python" -m pip install -q --upgrade pip
+"${venv}/bin/python" -m pip install -q -r "${root}/requirements.txt"
+"${venv}/bin/python" -m pip install -q --no-deps --no-build-isolation -e "${root}"
+"${venv}/bin/python" -m pip check
+echo "${want}" > "${stamp}"
+echo "[setup_env] done"

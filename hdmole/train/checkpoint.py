@@ -1,0 +1,102 @@
+"""Resumable checkpoints: trainable weights, optimiser, scheduler, loop position and RNG.
+
+Each checkpoint is ONE file written to a temporary name, flushed to disk and renamed over the
+old one (os.replace is atomic on POSIX), so a run killed at any moment leaves either the old
+or the new checkpoint, never a half-written one under the real name.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that training changes (requires_grad), by qualified name, on CPU."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `state` into the model's trainable parameters; names must match exactly."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise RuntimeError(f"{source}: trainable parameters do not match the model "
+                           f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                           f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})")
+    with torch.no_grad():
+        for name, p in params.items():
+            if p.shape != state[name].shape:
+                raise RuntimeError(f"{source}: {name} has shape {tuple(state[name].shape)}, "
+                                   f"model expects {tuple(p.shape)}")
+            p.copy_(state[name])
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save to `path` so that readers see the old file or the complete new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated file from a broken disk, not from us (we rename)
+        raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise RuntimeError(f"{path} is not an hdmole training checkpoint (format {CHECKPOINT_FORMAT})")
+    return ckpt
+
+
+CHECKPOINT_FORMAT = "hdmole-train-v1"
+
+
+def check_writable(directory: Path, min_free_mb: float = 50.0) -> None:
+    """Fail before training starts when the experiment directory cannot hold checkpoints."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as e:
+        raise RuntimeError(f"experiment directory {directory} is not writable: {e}") from e
+    st = os.statvfs(directory)
+    free_mb = st.f_bavail * st.f_frsize / 2**20
+    if free_mb < min_free_mb:
+        raise RuntimeError(f"experiment directory {directory}: only {free_mb:.0f} MiB free, "
+                           f"need at least {min_free_mb:.0f} MiB for checkpoints")

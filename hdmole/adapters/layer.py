@@ -1,0 +1,138 @@
+"""MoLoRALinear: a frozen nn.Linear plus a fused bank of LoRA experts.
+
+    y = W0 x + b + (alpha / r) * sum_i w_i(x) * B_i A_i x
+
+Fused computation (no Python loop over experts):
+  1. one matrix product of x with the stacked rows [A_1; ...; A_E; R; t] in the input's
+     dtype, so x is read once: R = local router (E rows), t = per-token threshold (AdaMoLE);
+  2. routing (combination with the global posterior, selection) in fp32 on the small logits;
+  3. the rank activations (E*r) are scaled slice-wise by w_i * alpha/r and multiplied by the
+     concatenated B = [B_1 ... B_E] in one addmm onto the base output.
+`lora` is the same layer with one expert of rank E*r and no routing.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import AdapterConfig, ResolvedAdapter
+from .context import RoutingState
+from .routing import Combination, build_combination
+from .selection import Selection, build_selection
+
+
+class MoLoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, name: str, cfg: AdapterConfig,
+                 resolved: ResolvedAdapter, state: RoutingState | None) -> None:
+        super().__init__()
+        self.base = base
+        self.adapter_name = name
+        routed = cfg.method == "mole"
+        self.num_experts = resolved.num_experts if routed else 1
+        self.rank = cfg.rank if routed else cfg.rank * resolved.num_experts
+        self.scaling = cfg.alpha / cfg.rank
+        self.check_finite = cfg.check_finite
+        d_in, d_out = base.in_features, base.out_features
+        device = base.weight.device
+        total_rank = self.num_experts * self.rank
+        # Master weights in fp32 whatever the base dtype; cast to the input dtype per call.
+        self.lora_A = nn.Parameter(torch.empty(total_rank, d_in, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, total_rank, device=device))
+        for i in range(self.num_experts):  # each expert like a fresh nn.Linear (peft init)
+            nn.init.kaiming_uniform_(self.lora_A[i * self.rank:(i + 1) * self.rank], a=math.sqrt(5))
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.state = state
+        self.combination: Combination | None = None
+        self.selection: Selection | None = None
+        self.router: nn.Parameter | None = None
+        self.needs_global = False
+        if routed:
+            assert state is not None
+            self.combination = build_combination(cfg)
+            self.selection = build_selection(cfg, resolved, d_in).to(device)
+            self.combination.to(device)
+            if self.combination.needs_local:
+                self.router = nn.Parameter(
+                    torch.randn(self.num_experts, d_in, device=device) * cfg.router_init_std)
+            self.needs_global = cfg.global_router != "none"
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> Tensor:
+        """The frozen base weight (for code that inspects `.weight` of linears)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
+
+    def down_weight(self) -> Tensor:
+        """[A; R; t]: all rows that read x, in one matrix."""
+        rows = [self.lora_A]
+        if self.router is not None:
+            rows.append(self.router)
+        extra = self.selection.extra_weight() if self.selection is not None else None
+        if extra is not None:
+            rows.append(extra)
+        return rows[0] if len(rows) == 1 else torch.cat(rows, 0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        h = F.linear(x, self.down_weight().to(x.dtype))
+        total_rank = self.num_experts * self.rank
+        a = self.dropout(h[..., :total_rank])
+        if self.selection is None:  # plain LoRA
+            gated = a * self.scaling
+        else:
+            weights = self.route(h[..., total_rank:], x.shape[:-1])
+            gate = (weights * self.scaling).to(a.dtype)
+            gated = (a.unflatten(-1, (self.num_experts, self.rank)) * gate.unsqueeze(-1)).flatten(-2)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), gated.reshape(-1, total_rank),
+                          self.lora_B.to(gated.dtype).t())
+        return out.view(y.shape)
+
+    def route(self, routing_rows: Tensor, token_shape: torch.Size) -> Tensor:
+        """fp32 routing: local logits (+ threshold logits) -> expert weights (*tokens, E)."""
+        assert self.state is not None and self.selection is not None and self.combination is not None
+        e = self.num_experts
+        log_g, valid, token_accents = self.state.batch_view(
+            self.adapter_name, tuple(token_shape), self.needs_global)
+        logits = extra = None
+        if self.router is not None:
+            logits = routing_rows[..., :e].float()
+            if self.check_finite and not bool(torch.isfinite(logits).all()):
+                raise FloatingPointError(
+                    f"non-finite router logits in adapter layer {self.adapter_name!r}")
+            routing_rows = routing_rows[..., e:]
+        if self.selection.extra_rows:
+            extra = routing_rows.float() + self.selection.extra_bias().float()
+        p = self.combination(logits, log_g).expand(*token_shape, e)
+        weights, tau = self.selection(p, extra)
+        self.state.record(
+            self.adapter_name, p.reshape(-1, e), weights.reshape(-1, e), tau,
+            logits.reshape(-1, e) if logits is not None else None, valid, token_accents)
+        return weights
+
+    def delta_weight(self, expert_weights: Tensor) -> Tensor:
+        """(d_out, d_in) fp64 update sum_i w_i * (alpha/r) B_i A_i for fixed weights (E,)."""
+        a = self.lora_A.detach().double().view(self.num_experts, self.rank, -1)
+        b = self.lora_B.detach().double().view(-1, self.num_experts, self.rank)
+        w = expert_weights.detach().double().to(a.device) * self.scaling
+        return torch.einsum("oer,e,erd->od", b, w, a)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, "
+                f"rank={self.rank}, scaling={self.scaling:g}")

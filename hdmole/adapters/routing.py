@@ -1,0 +1,166 @@
+"""Routers: the utterance-level global accent router and the per-layer combinations of its
+posterior g with a layer's token-level local router logits l. All in fp32.
+
+Global routers return log g (B, A): log-probabilities over the accent domains.
+Combinations map (l, log g) to routing probabilities p (..., E).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import AdapterConfig, ResolvedAdapter
+
+# log of an excluded accent in oracle routing: finite so that beta * log g has no inf*0.
+ORACLE_LOG_ZERO = -1.0e4
+
+
+def masked_pool(features: Tensor, mask: Tensor | None, kind: str) -> Tensor:
+    """Mean (and std) over the valid frames of (B, T, D) features -> (B, D) or (B, 2D)."""
+    x = features.float()
+    if mask is None:
+        m = x.new_ones(x.shape[:2])
+    else:
+        if mask.shape != x.shape[:2]:
+            raise ValueError(f"accent_feature_mask shape {tuple(mask.shape)} does not match "
+                             f"accent_features {tuple(features.shape)}[:2]")
+        m = mask.to(x.dtype)
+    count = m.sum(1, keepdim=True)
+    if bool((count == 0).any()):
+        raise ValueError("accent_feature_mask has an utterance without valid frames")
+    m = m.unsqueeze(-1)
+    mean = (x * m).sum(1) / count
+    if kind == "mean":
+        return mean
+    var = (((x - mean.unsqueeze(1)) ** 2) * m).sum(1) / count
+    return torch.cat([mean, (var + 1e-5).sqrt()], dim=-1)
+
+
+class GlobalAccentRouter(nn.Module):
+    """Pooled speech-encoder output -> LayerNorm -> Linear -> GELU -> Linear -> log-softmax."""
+
+    def __init__(self, cfg: AdapterConfig, num_accents: int, feature_dim: int) -> None:
+        super().__init__()
+        if feature_dim < 1:
+            raise ValueError(f"accent_feature_dim={feature_dim} must be >= 1 for "
+                             "global_router='learned'")
+        self.pooling = cfg.global_pooling
+        pooled_dim = feature_dim * (2 if self.pooling == "mean_std" else 1)
+        self.norm = nn.LayerNorm(pooled_dim)
+        self.hidden = nn.Linear(pooled_dim, cfg.global_hidden)
+        self.out = nn.Linear(cfg.global_hidden, num_accents)
+
+    def forward(self, features: Tensor | None, mask: Tensor | None,
+                labels: Tensor | None) -> Tensor:
+        if features is None:
+            raise ValueError("global_router='learned' needs accent_features in routing(...)")
+        pooled = masked_pool(features, mask, self.pooling)
+        # fp32 whatever the model dtype: the router is tiny and its softmax feeds every layer.
+        h = F.layer_norm(pooled, self.norm.normalized_shape, self.norm.weight.float(),
+                         self.norm.bias.float(), self.norm.eps)
+        h = F.gelu(F.linear(h, self.hidden.weight.float(), self.hidden.bias.float()))
+        logits = F.linear(h, self.out.weight.float(), self.out.bias.float())
+        if not bool(torch.isfinite(logits).all()):
+            raise FloatingPointError("non-finite logits in the global accent router")
+        return logits.log_softmax(-1)
+
+
+class OracleAccentRouter(nn.Module):
+    """The true accent label as a one-hot posterior (upper bound; mergeable per accent)."""
+
+    def __init__(self, num_accents: int) -> None:
+        super().__init__()
+        self.num_accents = num_accents
+
+    def forward(self, features: Tensor | None, mask: Tensor | None,
+                labels: Tensor | None) -> Tensor:
+        if labels is None or bool((labels < 0).any()) or bool((labels >= self.num_accents).any()):
+            raise ValueError("global_router='oracle' needs an accent label in "
+                             f"[0, {self.num_accents}) for every utterance; got {labels}")
+        one_hot = F.one_hot(labels.long(), self.num_accents).bool()
+        log_g = torch.full(one_hot.shape, ORACLE_LOG_ZERO, device=labels.device)
+        return log_g.masked_fill(one_hot, 0.0)
+
+
+def build_global_router(cfg: AdapterConfig, resolved: ResolvedAdapter,
+                        feature_dim: int) -> nn.Module | None:
+    if cfg.method != "mole" or cfg.global_router == "none":
+        return None
+    if cfg.global_router == "oracle":
+        return OracleAccentRouter(resolved.num_accents)
+    return GlobalAccentRouter(cfg, resolved.num_accents, feature_dim)
+
+
+class Combination(nn.Module):
+    """(local logits l or None, log g or None) -> p. `needs_local`: whether the layer has a
+    local router (E rows in its fused down-projection)."""
+
+    needs_local = True
+
+    def forward(self, logits: Tensor | None, log_g: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+
+class PriorCombination(Combination):
+    """p = softmax(l + beta * log g): the accent posterior is a prior on the local choice."""
+
+    def __init__(self, cfg: AdapterConfig) -> None:
+        super().__init__()
+        beta = torch.tensor(float(cfg.beta))
+        if cfg.learn_beta:
+            self.beta = nn.Parameter(beta)
+        else:
+            self.register_buffer("beta", beta, persistent=False)
+
+    def forward(self, logits: Tensor | None, log_g: Tensor | None) -> Tensor:
+        assert logits is not None and log_g is not None
+        return (logits + self.beta.float() * log_g).softmax(-1)
+
+
+class SumCombination(Combination):
+    """p = gamma * g + (1 - gamma) * softmax(l)."""
+
+    def __init__(self, cfg: AdapterConfig) -> None:
+        super().__init__()
+        self.gamma = cfg.gamma
+
+    def forward(self, logits: Tensor | None, log_g: Tensor | None) -> Tensor:
+        assert logits is not None and log_g is not None
+        return self.gamma * log_g.exp() + (1.0 - self.gamma) * logits.softmax(-1)
+
+
+class LocalCombination(Combination):
+    """p = softmax(l): per-layer routing only (no hierarchy)."""
+
+    def __init__(self, cfg: AdapterConfig) -> None:
+        super().__init__()
+
+    def forward(self, logits: Tensor | None, log_g: Tensor | None) -> Tensor:
+        assert logits is not None
+        return logits.softmax(-1)
+
+
+class GlobalCombination(Combination):
+    """p = g for every token: utterance-level routing, no local router (oracle_accent)."""
+
+    needs_local = False
+
+    def __init__(self, cfg: AdapterConfig) -> None:
+        super().__init__()
+
+    def forward(self, logits: Tensor | None, log_g: Tensor | None) -> Tensor:
+        assert log_g is not None
+        return log_g.exp()
+
+
+COMBINATION_REGISTRY: dict[str, type[Combination]] = {
+    "prior": PriorCombination,
+    "sum": SumCombination,
+    "local": LocalCombination,
+    "global": GlobalCombination,
+}
+
+
+def build_combination(cfg: AdapterConfig) -> Combination:
+    return COMBINATION_REGISTRY[cfg.combine](cfg)

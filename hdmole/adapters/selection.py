@@ -1,0 +1,149 @@
+"""Selection strategies: routing probabilities p (..., E) -> expert weights w (..., E).
+
+All run in fp32 on the small routing tensors. The active set of a token is S = {i : w_i > 0}.
+Every strategy keeps at least one expert active: dense/topk/topp by construction, the
+thresholds because tau < 1/E <= max_i p_i (and, should rounding ever make all p_i - tau <= 0,
+the arg-max expert gets weight 1 instead of a silent fall-back to the base layer).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .config import AdapterConfig, ResolvedAdapter
+
+
+class Selection(nn.Module):
+    """Base class. `extra_rows` rows are appended to the layer's fused down-projection and
+    their outputs (fp32, plus `extra_bias`) are passed to forward as `extra`."""
+
+    extra_rows = 0
+
+    def __init__(self, cfg: AdapterConfig, resolved: ResolvedAdapter, in_features: int) -> None:
+        super().__init__()
+        self.num_experts = resolved.num_experts
+
+    def forward(self, p: Tensor, extra: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Returns weights w (same shape as p) and tau (broadcastable to p[..., :1]) or None."""
+        raise NotImplementedError
+
+    def extra_weight(self) -> Tensor | None:
+        return None
+
+    def extra_bias(self) -> Tensor | None:
+        return None
+
+    def current_tau(self) -> float | None:
+        """The layer's threshold now (None when per token or not a threshold strategy)."""
+        return None
+
+
+class DenseSelection(Selection):
+    def forward(self, p: Tensor, extra: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        return p, None
+
+
+class TopKSelection(Selection):
+    def __init__(self, cfg: AdapterConfig, resolved: ResolvedAdapter, in_features: int) -> None:
+        super().__init__(cfg, resolved, in_features)
+        self.k = cfg.top_k
+
+    def forward(self, p: Tensor, extra: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        values, index = p.topk(self.k, dim=-1)
+        values = values / values.sum(-1, keepdim=True)
+        return torch.zeros_like(p).scatter(-1, index, values), None
+
+
+class TopPSelection(Selection):
+    """Smallest prefix of the sorted p whose cumulative sum reaches top_p; weights are p
+    itself (not renormalised), as in the public top-p MoE routers."""
+
+    def __init__(self, cfg: AdapterConfig, resolved: ResolvedAdapter, in_features: int) -> None:
+        super().__init__(cfg, resolved, in_features)
+        self.top_p = cfg.top_p
+
+    def forward(self, p: Tensor, extra: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        sorted_p, order = p.sort(dim=-1, descending=True)
+        mass_before = sorted_p.cumsum(-1) - sorted_p
+        keep_sorted = mass_before < self.top_p  # the first expert always has 0 mass before it
+        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        return p * keep, None
+
+
+def threshold_weights(p: Tensor, tau: Tensor) -> Tensor:
+    """w_i = (p_i - tau)_+ / sum_j (p_j - tau)_+; arg-max one-hot where that sum is 0.
+
+    Subtracting tau makes weights vanish continuously at the boundary and gives tau a
+    gradient; a token with one active expert gets weight 1 (no gradient to tau from it)."""
+    excess = (p - tau).clamp_min(0.0)
+    total = excess.sum(-1, keepdim=True)
+    fallback = torch.zeros_like(p).scatter(-1, p.argmax(-1, keepdim=True), 1.0)
+    return torch.where(total > 0, excess / total.clamp_min(torch.finfo(p.dtype).tiny), fallback)
+
+
+class FixedThresholdSelection(Selection):
+    def __init__(self, cfg: AdapterConfig, resolved: ResolvedAdapter, in_features: int) -> None:
+        super().__init__(cfg, resolved, in_features)
+        self.register_buffer("tau", torch.tensor(resolved.fixed_tau), persistent=False)
+
+    def forward(self, p: Tensor, extra: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        tau = self.tau.to(p.dtype)
+        return threshold_weights(p, tau), tau
+
+    def current_tau(self) -> float | None:
+        return float(self.tau)
+
+
+class LayerThresholdSelection(Selection):
+    """HDMoLE: one learned threshold per layer, tau = tau_max * sigmoid(theta)."""
+
+    def __init__(self, cfg: AdapterConfig, resolved: ResolvedAdapter, in_features: int) -> None:
+        super().__init__(cfg, resolved, in_features)
+        self.tau_max = resolved.tau_max
+        self.theta = nn.Parameter(torch.tensor(float(cfg.threshold_init)))
+
+    def forward(self, p: Tensor, extra: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        tau = self.tau_max * torch.sigmoid(self.theta.float())
+        return threshold_weights(p, tau), tau
+
+    def current_tau(self) -> float | None:
+        return float(self.tau_max * torch.sigmoid(self.theta.detach().float()))
+
+
+class TokenThresholdSelection(Selection):
+    """AdaMoLE: tau(x) = tau_max * sigmoid(w . x + b) per token; w is one extra row of the
+    layer's fused down-projection, so x is still read once."""
+
+    extra_rows = 1
+
+    def __init__(self, cfg: AdapterConfig, resolved: ResolvedAdapter, in_features: int) -> None:
+        super().__init__(cfg, resolved, in_features)
+        self.tau_max = resolved.tau_max
+        self.weight = nn.Parameter(torch.randn(1, in_features) * cfg.router_init_std)
+        self.bias = nn.Parameter(torch.full((1,), float(cfg.threshold_init)))
+
+    def forward(self, p: Tensor, extra: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        if extra is None:
+            raise RuntimeError("token_threshold selection needs the threshold projection")
+        tau = self.tau_max * torch.sigmoid(extra)
+        return threshold_weights(p, tau), tau
+
+    def extra_weight(self) -> Tensor | None:
+        return self.weight
+
+    def extra_bias(self) -> Tensor | None:
+        return self.bias
+
+
+SELECTION_REGISTRY: dict[str, type[Selection]] = {
+    "dense": DenseSelection,
+    "topk": TopKSelection,
+    "topp": TopPSelection,
+    "fixed_threshold": FixedThresholdSelection,
+    "threshold": LayerThresholdSelection,
+    "token_threshold": TokenThresholdSelection,
+}
+
+
+def build_selection(cfg: AdapterConfig, resolved: ResolvedAdapter, in_features: int) -> Selection:
+    return SELECTION_REGISTRY[cfg.selection](cfg, resolved, in_features)

@@ -110,15 +110,19 @@ class MoLoRALinear(nn.Module):
         e = self.num_experts
         log_g, valid, token_accents = self.state.batch_view(
             self.adapter_name, tuple(token_shape), self.needs_global)
+        # fp32 routing for low-precision inputs; float64 inputs stay float64 (references).
+        dtype = torch.promote_types(routing_rows.dtype, torch.float32)
         logits = extra = None
         if self.router is not None:
-            logits = routing_rows[..., :e].float()
+            logits = routing_rows[..., :e].to(dtype)
             if self.check_finite and not bool(torch.isfinite(logits).all()):
                 raise FloatingPointError(
                     f"non-finite router logits in adapter layer {self.adapter_name!r}")
             routing_rows = routing_rows[..., e:]
         if self.selection.extra_rows:
-            extra = routing_rows.float() + self.selection.extra_bias().float()
+            extra = routing_rows.to(dtype) + self.selection.extra_bias().to(dtype)
+        if log_g is not None:
+            log_g = log_g.to(dtype)
         p = self.combination(logits, log_g).expand(*token_shape, e)
         weights, tau = self.selection(p, extra)
         self.state.record(

@@ -115,7 +115,7 @@ class PriorCombination(Combination):
 
     def forward(self, logits: Tensor | None, log_g: Tensor | None) -> Tensor:
         assert logits is not None and log_g is not None
-        return (logits + self.beta.float() * log_g).softmax(-1)
+        return (logits + self.beta.to(logits.dtype) * log_g).softmax(-1)
 
 
 class SumCombination(Combination):

@@ -103,7 +103,7 @@ class LayerThresholdSelection(Selection):
         self.theta = nn.Parameter(torch.tensor(float(cfg.threshold_init)))
 
     def forward(self, p: Tensor, extra: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        tau = self.tau_max * torch.sigmoid(self.theta.float())
+        tau = self.tau_max * torch.sigmoid(self.theta.to(p.dtype))
         return threshold_weights(p, tau), tau
 
     def current_tau(self) -> float | None:

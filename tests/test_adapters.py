@@ -1,0 +1,424 @@
+"""hdmole.adapters: fused layer vs float64 per-expert reference, routing, gradients, losses,
+statistics, errors. Small shapes: the whole file runs in a few seconds on CPU."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from hdmole.adapters import AdapterConfig, inject
+from hdmole.adapters.config import ResolvedAdapter
+from hdmole.adapters.selection import SELECTION_REGISTRY
+
+A = 4  # accents (= experts for hierarchical modes)
+D_IN, D_HID, D_OUT, D_FEAT = 12, 10, 6, 8
+
+
+class Projector(nn.Module):
+    """Stand-in for the model's projector: two linears named like the real one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(D_IN, D_HID)
+        self.linear2 = nn.Linear(D_HID, D_OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(torch.relu(self.linear1(x)))
+
+
+# (selection, global_router, combine): every strategy, every combination.
+ROUTINGS = [(s, "learned", "prior") for s in SELECTION_REGISTRY] + [
+    ("threshold", "learned", "sum"), ("threshold", "none", "local"),
+    ("token_threshold", "none", "local"), ("topk", "oracle", "prior"),
+    ("dense", "oracle", "global"), ("threshold", "learned", "global"),
+]
+
+
+def make(selection="threshold", global_router="learned", combine="prior", seed=0,
+         randomise=True, **overrides):
+    torch.manual_seed(seed)
+    cfg = AdapterConfig(selection=selection, global_router=global_router, combine=combine,
+                        dropout=0.0, **overrides)
+    module = Projector()
+    handle = inject(module, cfg, num_accents=A, accent_feature_dim=D_FEAT)
+    if randomise:  # B = 0 at init would hide every expert path
+        with torch.no_grad():
+            for p in handle.trainable_parameters().values():
+                if p.dim() == 2:
+                    p.normal_(0, 0.5)
+    return module, handle
+
+
+def batch(seed=1, b=3, t=5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, t, D_IN, generator=g)
+    feats = torch.randn(b, 7, D_FEAT, generator=g)
+    fmask = torch.ones(b, 7, dtype=torch.bool)
+    fmask[-1, 4:] = False
+    labels = torch.arange(b) % A
+    tmask = torch.ones(b, t, dtype=torch.bool)
+    tmask[-1, 3:] = False
+    return x, feats, fmask, labels, tmask
+
+
+# ----- float64 per-expert, per-token reference (independent of the fused code) -------------
+def ref_combine(cfg, layer, logits, log_g):
+    soft = lambda v: (v - v.max()).exp() / (v - v.max()).exp().sum()  # noqa: E731
+    if cfg.combine == "prior":
+        return soft(logits + float(layer.combination.beta.detach()) * log_g)
+    if cfg.combine == "sum":
+        return cfg.gamma * log_g.exp() + (1 - cfg.gamma) * soft(logits)
+    if cfg.combine == "local":
+        return soft(logits)
+    return log_g.exp()
+
+
+def ref_select(cfg, layer, p, x_t):
+    p = p.detach()
+    e = len(p)
+    order = sorted(range(e), key=lambda i: -float(p[i]))
+    w = [0.0] * e
+    if cfg.selection == "dense":
+        return [float(v) for v in p]
+    if cfg.selection == "topk":
+        top = order[:cfg.top_k]
+        total = sum(float(p[i]) for i in top)
+        for i in top:
+            w[i] = float(p[i]) / total
+        return w
+    if cfg.selection == "topp":
+        mass = 0.0
+        for i in order:
+            if mass >= cfg.top_p:
+                break
+            w[i] = float(p[i])
+            mass += float(p[i])
+        return w
+    tau_max = 1.0 / e
+    if cfg.selection == "fixed_threshold":
+        tau = tau_max / 2
+    elif cfg.selection == "threshold":
+        tau = tau_max / (1 + math.exp(-float(layer.selection.theta)))
+    else:
+        z = float(x_t @ layer.selection.weight.double()[0] + layer.selection.bias.double()[0])
+        tau = tau_max / (1 + math.exp(-z))
+    active = [i for i in range(e) if float(p[i]) > tau]
+    total = sum(float(p[i]) - tau for i in active)
+    for i in active:
+        w[i] = (float(p[i]) - tau) / total
+    return w
+
+
+def ref_layer(cfg, layer, x, log_g):
+    """y_t = W0 x_t + b + sum_e w_e (alpha/r) B_e A_e x_t, one token and one expert at a time."""
+    w0, b0 = layer.base.weight.double(), layer.base.bias.double()
+    a, bm = layer.lora_A.double(), layer.lora_B.double()
+    e, r = layer.num_experts, layer.rank
+    out = torch.empty(*x.shape[:-1], w0.shape[0], dtype=torch.float64)
+    for bi in range(x.shape[0]):
+        for ti in range(x.shape[1]):
+            x_t = x[bi, ti]
+            logits = layer.router.double() @ x_t if layer.router is not None else None
+            p = ref_combine(cfg, layer, logits, log_g[bi].double() if log_g is not None else None)
+            w = ref_select(cfg, layer, p, x_t)
+            y = w0 @ x_t + b0
+            for i in range(e):
+                y = y + w[i] * layer.scaling * (bm[:, i * r:(i + 1) * r] @ (a[i * r:(i + 1) * r] @ x_t))
+            out[bi, ti] = y
+    return out
+
+
+@pytest.mark.parametrize("selection,global_router,combine", ROUTINGS)
+def test_fused_matches_float64_reference(selection, global_router, combine):
+    module, handle = make(selection, global_router, combine)
+    module.double()
+    x, feats, fmask, labels, _ = batch()
+    x = x.double()
+    with handle.routing(feats, fmask, labels):
+        log_g = handle.state.log_g
+        h1 = module.linear1(x)
+        got = module.linear2(torch.relu(h1))
+    assert torch.allclose(h1, ref_layer(handle.cfg, module.linear1, x, log_g), atol=1e-10, rtol=1e-10)
+    want = ref_layer(handle.cfg, module.linear2, torch.relu(h1), log_g)
+    assert torch.allclose(got, want, atol=1e-10, rtol=1e-10)
+
+
+def test_lora_matches_reference_and_has_matched_parameters():
+    torch.manual_seed(0)
+    mole_module, mole = make("threshold")
+    lora_module, lora = make(method="lora")
+    x = batch()[0].double()
+    lora_module.double()
+    layer = lora_module.linear1
+    want = x @ layer.base.weight.double().T + layer.base.bias.double() + layer.scaling * (
+        x @ layer.lora_A.double().T) @ layer.lora_B.double().T
+    assert torch.allclose(layer(x), want, atol=1e-10)
+    assert layer.rank == A * 8 and layer.scaling == 16.0 / 8
+    experts = mole.trainable_report().by_group["experts"]
+    assert lora.trainable_report().by_group["experts"] == experts
+
+
+@pytest.mark.parametrize("selection,global_router,combine", ROUTINGS)
+def test_zero_init_is_the_base_layer(selection, global_router, combine):
+    torch.manual_seed(0)
+    reference = Projector()
+    module = Projector()
+    module.load_state_dict(reference.state_dict())
+    cfg = AdapterConfig(selection=selection, global_router=global_router, combine=combine)
+    handle = inject(module, cfg, num_accents=A, accent_feature_dim=D_FEAT)
+    x, feats, fmask, labels, tmask = batch()
+    with handle.routing(feats, fmask, labels, tmask):
+        assert torch.equal(module(x), reference(x))
+
+
+# ----- selection properties --------------------------------------------------------------
+def _selection(name: str, e: int, tau_logit: float = 0.0):
+    cfg = AdapterConfig(selection=name, top_k=min(2, e), threshold_init=tau_logit)
+    return SELECTION_REGISTRY[name](cfg, cfg.resolve(e), D_IN)
+
+
+@settings(max_examples=60, deadline=None)
+@given(e=st.integers(1, 9),
+       logits=st.lists(st.floats(-60, 60, allow_nan=False), min_size=9, max_size=9),
+       tau_logit=st.floats(-40, 40, allow_nan=False),
+       name=st.sampled_from(sorted(SELECTION_REGISTRY)))
+def test_at_least_one_expert_is_active(e, logits, tau_logit, name):
+    sel = _selection(name, e, tau_logit)
+    p = torch.tensor(logits[:e]).softmax(-1).unsqueeze(0)
+    extra = torch.tensor([[tau_logit]]) if sel.extra_rows else None
+    w, _ = sel(p, extra)
+    assert torch.isfinite(w).all() and (w >= 0).all()
+    assert (w > 0).sum() >= 1
+    if name not in ("topp",):  # top-p keeps p itself (not renormalised)
+        assert torch.allclose(w.sum(-1), torch.ones(1), atol=1e-5)
+
+
+def test_uniform_routing_at_maximal_threshold_keeps_one_expert():
+    sel = _selection("threshold", 4, tau_logit=80.0)  # sigmoid == 1.0 in fp32: tau = 1/E
+    w, tau = sel(torch.full((2, 4), 0.25), None)
+    assert float(tau) == pytest.approx(0.25)
+    assert ((w > 0).sum(-1) == 1).all() and torch.allclose(w.sum(-1), torch.ones(2))
+
+
+def test_number_of_active_experts_varies_with_threshold():
+    torch.manual_seed(0)
+    e = 8
+    p = (torch.randn(500, e) * 1.5).softmax(-1)
+    means = []
+    for fraction in (0.0, 0.3, 0.6, 0.9, 0.999):
+        cfg = AdapterConfig(selection="fixed_threshold", fixed_tau=fraction / e)
+        w, _ = SELECTION_REGISTRY["fixed_threshold"](cfg, cfg.resolve(e), D_IN)(p, None)
+        means.append((w > 0).sum(-1).float().mean().item())
+    assert means[0] == e
+    assert all(a > b for a, b in zip(means, means[1:])), means
+    assert means[-1] >= 1.0
+
+
+# ----- gradients -------------------------------------------------------------------------
+def _grads(handle, loss):
+    params = handle.trainable_parameters()
+    for p in params.values():
+        p.grad = None
+    loss.backward(retain_graph=True)
+    return {n: (p.grad.abs().sum().item() if p.grad is not None else 0.0) for n, p in params.items()}
+
+
+@pytest.mark.parametrize("selection", ["threshold", "token_threshold"])
+def test_gradients_reach_every_trainable_part_and_every_aux_loss_is_live(selection):
+    glob = "learned" if selection == "threshold" else "none"
+    module, handle = make(selection, glob, "prior" if glob == "learned" else "local",
+                          lambda_balance=0.01, lambda_z=0.001)
+    x, feats, fmask, labels, tmask = batch()
+    with handle.routing(feats, fmask, labels, tmask):
+        y = module(x)
+    aux = handle.auxiliary_losses()
+    expected = {"load_balance", "router_z"} | ({"accent_ce"} if glob == "learned" else set())
+    assert set(aux) == expected
+    main = _grads(handle, (y ** 2).mean())
+    assert all(v > 0 for n, v in main.items() if "global_router" not in n or glob == "learned"), main
+    for key in ("lora_A", "lora_B", "router"):
+        assert main[f"linear1.{key}"] > 0 and main[f"linear2.{key}"] > 0
+    threshold_keys = [n for n in main if ".selection." in n]
+    assert threshold_keys and all(main[n] > 0 for n in threshold_keys)
+    for name, loss in aux.items():
+        g = _grads(handle, loss)
+        routers = [v for n, v in g.items() if n.endswith(".router")]
+        if name == "accent_ce":
+            assert all(v > 0 for n, v in g.items() if "global_router" in n)
+        else:
+            assert routers and all(v > 0 for v in routers), (name, g)
+
+
+def test_oracle_routing_changes_only_the_selected_experts():
+    module, handle = make("dense", "oracle", "global")
+    x, *_ = batch(b=2)
+    labels = torch.tensor([1, 3])
+    with handle.routing(accent_labels=labels):
+        y = module(x)
+    (y ** 2).mean().backward()
+    for layer in handle.layers.values():
+        r = layer.rank
+        for i in range(A):
+            ga = layer.lora_A.grad[i * r:(i + 1) * r].abs().sum()
+            gb = layer.lora_B.grad[:, i * r:(i + 1) * r].abs().sum()
+            if i in (1, 3):
+                assert ga > 0 and gb > 0
+            else:
+                assert ga == 0 and gb == 0
+
+
+# ----- padding, statistics, losses ---------------------------------------------------------
+def test_padding_is_excluded_from_statistics_losses_and_pooling():
+    module, handle = make("threshold", lambda_balance=0.01, lambda_z=0.01)
+    x, feats, fmask, labels, tmask = batch()
+
+    def run(x, feats):
+        handle.statistics_reset()
+        with handle.routing(feats, fmask, labels, tmask):
+            module(x)
+        return ({k: v.item() for k, v in handle.auxiliary_losses().items()},
+                handle.statistics_summary())
+
+    losses1, stats1 = run(x, feats)
+    x2, feats2 = x.clone(), feats.clone()
+    x2[~tmask] = 1e3  # garbage in padded tokens and frames must change nothing
+    feats2[~fmask] = -1e3
+    losses2, stats2 = run(x2, feats2)
+    assert losses1 == pytest.approx(losses2, rel=1e-6)
+    layer_stats = stats1["layers"]["linear1"]
+    assert layer_stats["tokens"] == tmask.sum().item()
+    assert sum(layer_stats["active_histogram"]) == tmask.sum().item()
+    assert _close(stats1, stats2)
+
+
+def _close(a, b) -> bool:
+    """Recursive approximate equality of JSON-like values."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_close(u, v) for u, v in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=1e-6, abs=1e-9)
+    return a == b
+
+
+def test_statistics_accumulate_are_json_and_reset():
+    module, handle = make("threshold")
+    x, feats, fmask, labels, tmask = batch()
+    for _ in range(2):
+        with handle.routing(feats, fmask, labels, tmask):
+            module(x)
+    summary = json.loads(json.dumps(handle.statistics_summary()))
+    s = summary["layers"]["linear2"]
+    valid = tmask.sum().item()
+    assert s["tokens"] == 2 * valid
+    assert 1 <= s["active_mean"] <= A
+    assert s["share_one_active"] == pytest.approx(s["active_histogram"][1] / (2 * valid))
+    assert s["share_all_active"] == pytest.approx(s["active_histogram"][A] / (2 * valid))
+    assert s["tau_current"] == pytest.approx(s["tau_mean"]) and 0 < s["tau_current"] < 1 / A
+    assert sum(s["expert_load"]) == pytest.approx(1.0)
+    for accent, row in enumerate(s["accent_expert_weight"]):
+        if accent in labels.tolist():
+            assert sum(row) == pytest.approx(1.0)
+        else:
+            assert row is None
+    assert summary["global_router"]["utterances"] == 2 * len(labels)
+    handle.statistics_reset()
+    assert handle.statistics_summary()["layers"]["linear2"]["tokens"] == 0
+
+
+def test_unknown_accent_labels_are_ignored_by_accent_loss():
+    module, handle = make("threshold")
+    x, feats, fmask, _, tmask = batch()
+    with handle.routing(feats, fmask, torch.full((3,), -1), tmask):
+        module(x)
+    assert "accent_ce" not in handle.auxiliary_losses()
+
+
+def test_bf16_forward_is_finite_and_routes_in_fp32():
+    module, handle = make("threshold")
+    module.to(torch.bfloat16)
+    handle.to(torch.bfloat16)
+    x, feats, fmask, labels, tmask = batch()
+    with handle.routing(feats.bfloat16(), fmask, labels, tmask):
+        y = module(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    assert handle.state.layer_statistics["linear1"].summary(None)["tokens"] == tmask.sum().item()
+
+
+def test_eval_and_no_grad_forward():
+    module, handle = make("token_threshold", "none", "local")
+    module.eval()
+    x = batch()[0]
+    with torch.no_grad():
+        y1 = module(x)  # local routing works outside a routing block too
+        with handle.routing():
+            y2 = module(x)
+    assert torch.equal(y1, y2)
+
+
+# ----- errors ----------------------------------------------------------------------------
+def test_pattern_matching_nothing_lists_available_names():
+    with pytest.raises(ValueError, match=r"matched no nn.Linear.*linear1, linear2"):
+        inject(Projector(), AdapterConfig(target_modules=["q_proj"]), A, D_FEAT)
+
+
+def test_pattern_matches_whole_dotted_suffixes():
+    outer = nn.Sequential(Projector())
+    handle = inject(outer, AdapterConfig(target_modules=["linear2"]), A, D_FEAT)
+    assert list(handle.layers) == ["0.linear2"]
+    assert isinstance(outer[0].linear1, nn.Linear)
+
+
+def test_expert_count_must_fit_accents_for_hierarchical_routing():
+    with pytest.raises(ValueError, match="num_experts=3 does not fit 4 accents"):
+        inject(Projector(), AdapterConfig(num_experts=3), A, D_FEAT)
+    with pytest.raises(ValueError, match="num_experts=3 does not fit"):
+        inject(Projector(), AdapterConfig(num_experts=3, global_router="oracle",
+                                          combine="global", selection="dense"), A, D_FEAT)
+    inject(Projector(), AdapterConfig(num_experts=3, global_router="none", combine="local"),
+           A, D_FEAT)  # no hierarchy: any count
+
+
+def test_nan_router_logits_name_the_layer():
+    module, handle = make("threshold")
+    with torch.no_grad():
+        module.linear2.router[0, 0] = float("nan")
+    x, feats, fmask, labels, tmask = batch()
+    with pytest.raises(FloatingPointError, match="linear2"):
+        with handle.routing(feats, fmask, labels, tmask):
+            module(x)
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match="unknown adapter config key.*'rnak'"):
+        AdapterConfig.from_dict({"rnak": 8})
+    with pytest.raises(ValueError, match="adapter.selection='top2'"):
+        AdapterConfig(selection="top2")
+    with pytest.raises(ValueError, match="combine='local' ignores"):
+        AdapterConfig(global_router="learned", combine="local").resolve(A)
+    with pytest.raises(ValueError, match="tau_max"):
+        AdapterConfig(tau_max=0.5).resolve(A)
+    module, handle = make("threshold")
+    with pytest.raises(RuntimeError, match="linear1.*routing"):
+        module(batch()[0])
+
+
+def test_freezing_and_trainable_report():
+    none_module = Projector()
+    inject(none_module, AdapterConfig(method="none"), A, D_FEAT)
+    assert not any(p.requires_grad for p in none_module.parameters())
+    full_module = Projector()
+    full = inject(full_module, AdapterConfig(method="full", target_modules=["linear2"]), A, D_FEAT)
+    report = full.trainable_report()
+    assert report.trainable == D_HID * D_OUT + D_OUT == report.by_group["full"]
+    _, handle = make("threshold")
+    report = handle.trainable_report()
+    assert report.trainable == sum(p.numel() for p in handle.trainable_parameters().values())
+    assert report.by_group["experts"] == A * 8 * (D_IN + D_HID + D_HID + D_OUT)
+    assert "global_router" in report.table and "local_router" in report.table

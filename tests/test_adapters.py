@@ -103,9 +103,9 @@ def ref_select(cfg, layer, p, x_t):
     if cfg.selection == "fixed_threshold":
         tau = tau_max / 2
     elif cfg.selection == "threshold":
-        tau = tau_max / (1 + math.exp(-float(layer.selection.theta)))
+        tau = tau_max / (1 + math.exp(-float(layer.selection.theta.detach())))
     else:
-        z = float(x_t @ layer.selection.weight.double()[0] + layer.selection.bias.double()[0])
+        z = float((x_t @ layer.selection.weight.double()[0] + layer.selection.bias.double()[0]).detach())
         tau = tau_max / (1 + math.exp(-z))
     active = [i for i in range(e) if float(p[i]) > tau]
     total = sum(float(p[i]) - tau for i in active)

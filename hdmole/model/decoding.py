@@ -1,0 +1,172 @@
+"""Batched autoregressive decoding over speech-conditioned prompts: greedy and beam search.
+
+Both searches drive an `LMStepper` (prefill once with the prompt embeddings, then one token per
+step with a KV cache) and share the stopping rules: a per-utterance bound on new tokens and a
+repetition guard that ends a hypothesis whose tail is one n-gram repeated `max_repeats` times.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+
+def _cache_kwarg(llm: PreTrainedModel) -> str:
+    # transformers 5.24 renamed `past_key_values` to `cache`; accept both (the GPU host has 5.17).
+    return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+
+
+def _new_dynamic_cache(llm: PreTrainedModel) -> DynamicCache:
+    try:
+        return DynamicCache(config=llm.config)
+    except TypeError:
+        return DynamicCache()
+
+
+class LMStepper:
+    """KV-cached incremental decoding of a causal LM from left-padded prompt embeddings."""
+
+    def __init__(self, llm: PreTrainedModel) -> None:
+        self.llm = llm
+        self.cache_kwarg = _cache_kwarg(llm)
+
+    def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        self.cache = _new_dynamic_cache(self.llm)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=True, logits_to_keep=1, **{self.cache_kwarg: self.cache})
+        self.attention_mask = attention_mask
+        self.next_position = position_ids[:, -1] + 1
+        return out.logits[:, -1]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        ones = self.attention_mask.new_ones((tokens.shape[0], 1))
+        self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
+        out = self.llm(input_ids=tokens[:, None], attention_mask=self.attention_mask,
+                       position_ids=self.next_position[:, None], use_cache=True, **{self.cache_kwarg: self.cache})
+        self.next_position = self.next_position + 1
+        return out.logits[:, -1]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.cache.reorder_cache(rows)
+        self.attention_mask = self.attention_mask[rows]
+        self.next_position = self.next_position[rows]
+
+
+@dataclass
+class StoppingRules:
+    eos_id: int
+    pad_id: int
+    max_new_tokens: torch.Tensor  # (R,) per row, EOS is forced once reached
+    max_repeats: int = 4  # 0 disables the repetition guard
+    repeat_max_ngram: int = 4
+
+    def forced_eos(self, history: torch.Tensor, step: int) -> torch.Tensor:
+        """(R,) rows that must end now: length bound reached or a repeated n-gram tail."""
+        force = self.max_new_tokens <= step
+        if self.max_repeats > 1:
+            force = force | ends_in_repetition(history[:, :step], self.repeat_max_ngram, self.max_repeats)
+        return force
+
+    def apply(self, logits: torch.Tensor, history: torch.Tensor, step: int) -> torch.Tensor:
+        force = self.forced_eos(history, step)
+        eos_only = torch.full_like(logits[0], float("-inf"))
+        eos_only[self.eos_id] = 0.0
+        return torch.where(force[:, None], eos_only, logits)
+
+
+def ends_in_repetition(tokens: torch.Tensor, max_ngram: int, repeats: int) -> torch.Tensor:
+    """(R,) True where the last `n * repeats` tokens are one n-gram repeated, for some n <= max_ngram."""
+    rows, length = tokens.shape
+    out = torch.zeros(rows, dtype=torch.bool, device=tokens.device)
+    for n in range(1, max_ngram + 1):
+        span = n * repeats
+        if length < span:
+            break
+        tail = tokens[:, length - span:].reshape(rows, repeats, n)
+        out |= (tail == tail[:, -1:, :]).all(dim=2).all(dim=1)
+    return out
+
+
+def strip_after_eos(row: list[int], eos_id: int) -> list[int]:
+    return row[: row.index(eos_id)] if eos_id in row else row
+
+
+def greedy_search(stepper: LMStepper, embeds: torch.Tensor, attention_mask: torch.Tensor,
+                  position_ids: torch.Tensor, rules: StoppingRules) -> list[list[int]]:
+    rows = embeds.shape[0]
+    steps = int(rules.max_new_tokens.max()) + 1
+    history = torch.full((rows, steps), rules.pad_id, dtype=torch.long, device=embeds.device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=embeds.device)
+    logits = stepper.prefill(embeds, attention_mask, position_ids)
+    for t in range(steps):
+        logits = rules.apply(logits, history, t)
+        token = torch.where(finished, rules.pad_id, logits.argmax(dim=-1))
+        history[:, t] = token
+        finished |= token == rules.eos_id
+        if bool(finished.all()):
+            break
+        logits = stepper.step(token)
+    return [strip_after_eos(r, rules.eos_id) for r in history.tolist()]
+
+
+def beam_search(stepper: LMStepper, embeds: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor, rules: StoppingRules, num_beams: int,
+                length_penalty: float = 1.0) -> list[list[int]]:
+    """Standard beam search; a hypothesis ends at EOS and is scored log p / len^length_penalty.
+
+    `rules.max_new_tokens` is per utterance (B,); prompts are repeated here for the beams.
+    """
+    b, k = embeds.shape[0], num_beams
+    expand = torch.arange(b, device=embeds.device).repeat_interleave(k)
+    row_rules = StoppingRules(rules.eos_id, rules.pad_id, rules.max_new_tokens[expand],
+                              rules.max_repeats, rules.repeat_max_ngram)
+    steps = int(rules.max_new_tokens.max()) + 1
+    history = torch.full((b * k, steps), rules.pad_id, dtype=torch.long, device=embeds.device)
+    scores = torch.full((b, k), float("-inf"), device=embeds.device)
+    scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
+    done = [False] * b
+    logits = stepper.prefill(embeds[expand], attention_mask[expand], position_ids[expand])
+    for t in range(steps):
+        logp = torch.log_softmax(row_rules.apply(logits.float(), history, t), dim=-1)
+        vocab = logp.shape[-1]
+        cand = (scores.reshape(-1, 1) + logp).reshape(b, k * vocab)
+        top_scores, top_index = cand.topk(2 * k, dim=-1)
+        top_scores, top_beam, top_token = top_scores.tolist(), (top_index // vocab).tolist(), (top_index % vocab).tolist()
+        new_scores = [[float("-inf")] * k for _ in range(b)]
+        new_beam = [list(range(k)) for _ in range(b)]
+        new_token = [[rules.pad_id] * k for _ in range(b)]
+        prev = history[:, :t].tolist()
+        for i in range(b):
+            if done[i]:
+                continue
+            j = 0
+            for rank, (s, beam, token) in enumerate(zip(top_scores[i], top_beam[i], top_token[i])):
+                if s == float("-inf"):
+                    break
+                if token == rules.eos_id:
+                    if rank < k:
+                        finished[i].append((s / (t + 1) ** length_penalty, prev[i * k + beam]))
+                    continue
+                new_scores[i][j], new_beam[i][j], new_token[i][j] = s, beam, token
+                j += 1
+                if j == k:
+                    break
+            done[i] = len(finished[i]) >= k or j == 0
+        if all(done):
+            break
+        rows = (torch.arange(b)[:, None] * k + torch.tensor(new_beam)).reshape(-1).to(embeds.device)
+        tokens = torch.tensor(new_token, device=embeds.device).reshape(-1)
+        history = history[rows]
+        history[:, t] = tokens
+        stepper.reorder(rows)
+        scores = torch.tensor(new_scores, device=embeds.device)
+        logits = stepper.step(tokens)
+    for i in range(b):
+        if not finished[i]:  # no EOS within the bound: fall back to the live beams
+            live = history[i * k:(i + 1) * k].tolist()
+            finished[i] = [(s / steps ** length_penalty, [x for x in r if x != rules.pad_id])
+                           for s, r in zip(scores[i].tolist(), live)]
+    return [strip_after_eos(max(f, key=lambda x: x[0])[1], rules.eos_id) for f in finished]

@@ -1,0 +1,277 @@
+"""LLMASR: shapes, masks, batching invariance, prompt/label layout, decoding, checkpoints, errors."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from hdmole.batch import Batch
+from hdmole.model import LLMASR, FrameConcatProjector, ModelConfig, PromptBuilder, load_tokenizer
+from hdmole.model.decoding import ends_in_repetition
+from hdmole.model.encoder import encoder_output_lengths
+from hdmole.model.llm import IGNORE_INDEX
+from hdmole.model.tiny import SAMPLE_SENTENCES, TinySizes, write_tiny_checkpoints
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny"), SAMPLE_SENTENCES, TinySizes.for_tests(), seed=0)
+
+
+def make_config(dirs, **overrides) -> ModelConfig:
+    base = dict(encoder_dir=str(dirs.whisper_dir), llm_dir=str(dirs.llm_dir), projector_hidden=96)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dirs):
+    torch.manual_seed(0)
+    return LLMASR.from_config(make_config(tiny_dirs), device="cpu").eval()
+
+
+def make_batch(lens: list[int], mels: int = 80, garbage_padding: bool = True, seed: int = 0) -> Batch:
+    gen = torch.Generator().manual_seed(seed)
+    t = max(lens)
+    feats = torch.randn(len(lens), mels, t, generator=gen)
+    valid = torch.arange(t)[None, :] < torch.tensor(lens)[:, None]
+    if not garbage_padding:
+        feats = feats * valid[:, None, :]
+    texts = [SAMPLE_SENTENCES[i % len(SAMPLE_SENTENCES)] for i in range(len(lens))]
+    return Batch(ids=[f"utt{i}" for i in range(len(lens))], features=feats, feature_lens=torch.tensor(lens),
+                 accents=torch.tensor([i % 9 for i in range(len(lens))]), texts=texts)
+
+
+def single(batch: Batch, i: int) -> Batch:
+    n = int(batch.feature_lens[i])
+    return Batch(ids=[batch.ids[i]], features=batch.features[i:i + 1, :, :n], feature_lens=batch.feature_lens[i:i + 1],
+                 accents=batch.accents[i:i + 1], texts=[batch.texts[i]])
+
+
+# ---- shapes and masks ---------------------------------------------------------------------
+def test_projector_concatenates_k_frames_and_drops_remainder():
+    proj = FrameConcatProjector(encoder_dim=3, llm_dim=4, k=5, hidden=6)
+    x = torch.arange(2 * 13 * 3, dtype=torch.float32).reshape(2, 13, 3)
+    cat = proj.concat_frames(x)
+    assert cat.shape == (2, 2, 15)  # 13 mod 5 = 3 frames dropped
+    assert torch.equal(cat[1, 1], x[1, 5:10].reshape(-1))
+    y, lens = proj(x, torch.tensor([13, 9]))
+    assert y.shape == (2, 2, 4) and lens.tolist() == [2, 1]
+
+
+def test_encoder_output_lengths_match_stock_conv_arithmetic(model):
+    for n in (1, 2, 7, 8, 299, 300):
+        out = model.encoder.whisper.conv2(model.encoder.whisper.conv1(torch.zeros(1, 80, n)))
+        assert int(encoder_output_lengths(torch.tensor(n))) == out.shape[-1]
+
+
+def test_variable_length_batch_equals_each_utterance_alone(model):
+    batch = make_batch([203, 160, 97, 31])  # odd lengths, garbage in the padding
+    enc, lens = model.encoder(batch.features, batch.feature_lens)
+    assert enc.shape[1] == 102 and lens.tolist() == [102, 80, 49, 16]
+    for i in range(len(batch)):
+        alone, alone_len = model.encoder(batch.features[i:i + 1, :, :int(batch.feature_lens[i])], batch.feature_lens[i:i + 1])
+        n = int(alone_len)
+        assert n == lens[i]
+        torch.testing.assert_close(enc[i, :n], alone[0], atol=2e-5, rtol=1e-4)
+
+
+def test_pad_to_30s_reproduces_stock_whisper_encoder(tiny_dirs):
+    cfg = make_config(tiny_dirs, pad_to_30s=True)
+    m = LLMASR.from_config(cfg, device="cpu").eval()
+    batch = make_batch([250, 120])
+    enc, lens = m.encoder(batch.features, batch.feature_lens)
+    assert enc.shape[1] == 1500 and lens.tolist() == [1500, 1500]  # SLAM-LLM: all 30 s go on
+    # Reference: the stock forward on features padded to 3000 frames with Whisper's silence value.
+    from hdmole.model.encoder import _pad_like_whisper
+    padded = _pad_like_whisper(batch.features, batch.feature_mask, 3000)
+    assert torch.allclose(padded[0, :, 250:], batch.features[0, :, :250].max() - 2.0)
+    stock = WhisperEncoder.forward(m.encoder.whisper, padded).last_hidden_state
+    torch.testing.assert_close(enc, stock, atol=1e-5, rtol=1e-4)
+    m.encoder.keep_padding = False
+    assert m.encoder(batch.features, batch.feature_lens)[1].tolist() == [125, 60]
+
+
+def test_mel_bin_mismatch_is_a_clear_error(model):
+    with pytest.raises(ValueError, match="80 mel bins"):
+        model.encoder(torch.zeros(1, 128, 50), torch.tensor([50]))
+    assert model.num_mel_bins == 80
+
+
+# ---- prompt and labels --------------------------------------------------------------------
+def test_decoding_prompt_is_prefix_of_training_sequence(model):
+    prompts = model.prompts
+    answers = [prompts.answer_ids(t) for t in SAMPLE_SENTENCES[:3]]
+    train = prompts.layout([4, 7, 1], answers)
+    decode = prompts.layout([4, 7, 1])
+    for i in range(3):
+        tr = train.token_ids[i][train.attention_mask[i] == 1]
+        de = decode.token_ids[i][decode.attention_mask[i] == 1]
+        assert torch.equal(tr[: len(de)], de)
+        assert torch.equal(train.speech_mask[i][train.attention_mask[i] == 1][: len(de)],
+                           decode.speech_mask[i][decode.attention_mask[i] == 1])
+        labels = train.labels[i][train.attention_mask[i] == 1]
+        assert (labels[: len(de)] == IGNORE_INDEX).all()
+        assert labels[len(de):].tolist() == answers[i] and answers[i][-1] == prompts.eos_id
+        assert prompts.decode(answers[i]) == SAMPLE_SENTENCES[i]
+    # left padding: positions restart at 0 on each row's first real token
+    assert train.position_ids[2][train.attention_mask[2] == 1].tolist() == list(range(int(train.attention_mask[2].sum())))
+
+
+def test_chat_template_wraps_instruction(model):
+    text = model.prompts.tokenizer.decode(model.prompts.prefix_ids + model.prompts.suffix_ids)
+    assert text == "<|im_start|>user\n请转写音频为文字<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_asr_loss_equals_hf_causal_lm_loss(model):
+    batch = make_batch([120, 64, 90])
+    out = model(batch)
+    # Reference: the LLM's own shifted cross-entropy over the full-vocabulary logits.
+    enc, enc_lens = model.encode(batch)
+    speech, n = model.project(enc, enc_lens, batch)
+    layout = model.prompts.layout(n.tolist(), [model.prompts.answer_ids(t) for t in batch.texts])
+    ref = model.llm(inputs_embeds=model._embed(layout, speech, n), attention_mask=layout.attention_mask,
+                    position_ids=layout.position_ids, labels=layout.labels).loss
+    torch.testing.assert_close(out.asr_loss, ref, atol=1e-5, rtol=1e-5)
+    assert out.num_answer_tokens == sum(len(t) + 1 for t in batch.texts)
+    assert out.ctc_loss is None and out.aux_losses == {}
+
+
+def test_gradients_reach_only_trainable_parts(tiny_dirs):
+    m = LLMASR.from_config(make_config(tiny_dirs, ctc_weight=0.3), device="cpu").train()
+    out = m(make_batch([80, 60]))
+    assert out.ctc_loss is not None and torch.isfinite(out.ctc_loss)
+    torch.testing.assert_close(out.loss, out.asr_loss + 0.3 * out.ctc_loss)
+    out.loss.backward()
+    assert m.projector.linear1.weight.grad is not None and m.ctc_head.weight.grad is not None
+    assert all(p.grad is None for p in m.llm.parameters()) and all(p.grad is None for p in m.encoder.parameters())
+    assert not m.encoder.training and not m.llm.training  # frozen parts stay in eval mode
+
+
+def test_asr_weight_zero_trains_encoder_with_ctc_only(tiny_dirs):
+    m = LLMASR.from_config(make_config(tiny_dirs, ctc_weight=1.0, asr_weight=0.0, freeze_encoder=False), device="cpu").train()
+    out = m(make_batch([80, 60]))
+    assert out.asr_loss is None
+    out.loss.backward()
+    assert m.encoder.whisper.layers[0].fc1.weight.grad is not None
+    assert m.encoder.whisper.embed_positions.weight.grad is None
+    assert set(m.ctc_transcribe(make_batch([80, 60]))) == {"utt0", "utt1"}
+
+
+# ---- decoding -----------------------------------------------------------------------------
+def test_batched_greedy_equals_batch_of_one(model):
+    batch = make_batch([230, 96, 150, 57], seed=3)
+    together = model.transcribe(batch, max_new_tokens=12, max_repeats=0)
+    assert list(together) == batch.ids
+    for i in range(len(batch)):
+        assert model.transcribe(single(batch, i), max_new_tokens=12, max_repeats=0) == {batch.ids[i]: together[batch.ids[i]]}
+
+
+def test_batched_beam_equals_batch_of_one_and_beam1_is_greedy(model):
+    batch = make_batch([180, 70, 120], seed=5)
+    beams = model.transcribe(batch, num_beams=3, max_new_tokens=8)
+    for i in range(len(batch)):
+        assert model.transcribe(single(batch, i), num_beams=3, max_new_tokens=8) == {batch.ids[i]: beams[batch.ids[i]]}
+    from hdmole.model.decoding import LMStepper, StoppingRules, beam_search, greedy_search
+    layout = model.prompts.layout([3, 5])
+    embeds = model.llm.get_input_embeddings()(layout.token_ids)
+    rules = StoppingRules(model.prompts.eos_id, model.prompts.pad_id, torch.tensor([9, 6]), max_repeats=0)
+    args = (LMStepper(model.llm), embeds, layout.attention_mask, layout.position_ids, rules)
+    assert beam_search(*args, num_beams=1) == greedy_search(*args)
+
+
+def test_greedy_matches_uncached_argmax_reference(model):
+    layout = model.prompts.layout([4])
+    embeds = model.llm.get_input_embeddings()(layout.token_ids)
+    from hdmole.model.decoding import LMStepper, StoppingRules, greedy_search
+    rules = StoppingRules(model.prompts.eos_id, model.prompts.pad_id, torch.tensor([6]), max_repeats=0)
+    got = greedy_search(LMStepper(model.llm), embeds, layout.attention_mask, layout.position_ids, rules)[0]
+    ref: list[int] = []
+    for _ in range(6):  # recompute the whole sequence each step, no cache
+        e = torch.cat([embeds, model.llm.get_input_embeddings()(torch.tensor([ref], dtype=torch.long))], dim=1)
+        nxt = int(model.llm(inputs_embeds=e).logits[0, -1].argmax())
+        if nxt == model.prompts.eos_id:
+            break
+        ref.append(nxt)
+    assert got == ref
+
+
+def test_new_tokens_bounded_by_audio_length(model):
+    bound = model.max_new_tokens_for(torch.tensor([100, 1000, 5000]), max_new_tokens=40, max_tokens_per_second=10.0)
+    assert bound.tolist() == [14, 40, 40]
+    batch = make_batch([100, 60], seed=7)
+    for utt, text in model.transcribe(batch, max_tokens_per_second=3.0, max_repeats=0).items():
+        assert len(model.prompts.encode(text)) <= (7 if utt == "utt0" else 6)
+
+
+def test_repetition_guard():
+    rows = torch.tensor([[5, 1, 2, 1, 2, 1, 2],   # "12" x3
+                         [1, 2, 3, 4, 5, 6, 7],
+                         [9, 9, 9, 9, 9, 9, 9]])
+    assert ends_in_repetition(rows, max_ngram=2, repeats=3).tolist() == [True, False, True]
+    assert ends_in_repetition(rows, max_ngram=1, repeats=3).tolist() == [False, False, True]
+    assert ends_in_repetition(rows[:, :2], max_ngram=2, repeats=3).tolist() == [False, False, False]
+
+
+# ---- checkpoints --------------------------------------------------------------------------
+def test_save_load_trainable_roundtrip(tiny_dirs, tmp_path):
+    torch.manual_seed(1)
+    m = LLMASR.from_config(make_config(tiny_dirs, ctc_weight=0.2), device="cpu")
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
+    m.train()
+    m(make_batch([90, 70])).loss.backward()
+    opt.step()
+    m.eval()
+    batch = make_batch([110, 75], seed=9)
+    ref_loss, ref_hyp = m(batch).loss, m.transcribe(batch, max_new_tokens=6)
+    m.save_trainable(tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / "model_config.json").read_text())
+    assert meta["model"]["ctc_weight"] == 0.2
+    torch.manual_seed(2)  # a different random projector before loading
+    fresh = LLMASR.from_saved(tmp_path / "ckpt", device="cpu").eval()
+    assert not torch.equal(fresh.projector.linear1.weight, LLMASR.from_config(make_config(tiny_dirs, ctc_weight=0.2), "cpu").projector.linear1.weight)
+    torch.testing.assert_close(fresh(batch).loss, ref_loss, atol=0, rtol=0)
+    assert fresh.transcribe(batch, max_new_tokens=6) == ref_hyp
+    other = LLMASR.from_config(make_config(tiny_dirs), device="cpu")  # no CTC head: mismatch
+    with pytest.raises(ValueError, match="ctc_head"):
+        other.load_trainable(tmp_path / "ckpt")
+
+
+# ---- loading ------------------------------------------------------------------------------
+def test_tiny_dirs_load_offline_and_full_whisper_checkpoint_equals_encoder_only(tiny_dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+    full = WhisperForConditionalGeneration(WhisperConfig.from_pretrained(tiny_dirs.whisper_dir))
+    enc_only = WhisperEncoder.from_pretrained(tiny_dirs.whisper_dir)
+    full.model.encoder.load_state_dict(enc_only.state_dict())
+    full.save_pretrained(tmp_path / "full")
+    from hdmole.model.encoder import load_whisper_encoder
+    loaded = load_whisper_encoder(tmp_path / "full", torch.float32)
+    for name, tensor in enc_only.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    tok = load_tokenizer(tiny_dirs.llm_dir)
+    for s in SAMPLE_SENTENCES:
+        assert tok.decode(tok(s, add_special_tokens=False)["input_ids"]) == s
+    assert (tok.pad_token, tok.eos_token) == ("<|endoftext|>", "<|im_end|>")
+
+
+def test_bad_model_directories_are_clear_errors(tiny_dirs, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        LLMASR.from_config(make_config(tiny_dirs, encoder_dir=str(tmp_path / "nope")), device="cpu")
+    with pytest.raises(ValueError, match="expected a Whisper checkpoint"):
+        LLMASR.from_config(make_config(tiny_dirs, encoder_dir=str(tiny_dirs.llm_dir)), device="cpu")
+    with pytest.raises(ValueError, match="Qwen2 family"):
+        LLMASR.from_config(make_config(tiny_dirs, llm_dir=str(tiny_dirs.whisper_dir)), device="cpu")
+    no_template = tmp_path / "qwen_no_template"
+    shutil.copytree(tiny_dirs.llm_dir, no_template)
+    (no_template / "chat_template.jinja").unlink()
+    with pytest.raises(ValueError, match="no chat template"):
+        load_tokenizer(no_template)
+    with pytest.raises(ValueError, match="not in the tokenizer"):
+        PromptBuilder(load_tokenizer(tiny_dirs.llm_dir), "x", "<|no_such_token|>")

@@ -177,7 +177,7 @@ class Grammar:
             raise ValueError("no template of the grammar can be filled from this inventory")
         return cls(classes, weights, templates)
 
-    def rebalance(self, rng: np.random.Generator, num_samples: int = 5000, power: float = 0.5) -> None:
+    def rebalance(self, rng: np.random.Generator, num_samples: int = 5000, power: float = 1.0) -> None:
         """Up-weight words made of characters the grammar rarely produces (one pass).
 
         Weight *= mean over the word's characters of (median count / count) ** power, from

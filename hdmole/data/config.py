@@ -1,0 +1,93 @@
+"""DataConfig: every option of the data side (corpora, preparation filters, loader)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, List, Optional
+
+SAMPLERS = ("bucketing", "simple")
+SYNTHETIC_SIZES = ("ci", "default", "large")
+
+
+@dataclass
+class DataConfig:
+    # --- corpora -------------------------------------------------------------------------
+    # Root holding KeSpeech/ and aishell/ (the synthetic generator writes both there).
+    corpus_dir: str = "data/corpus"
+    # Real corpus roots (db.sh); None = <corpus_dir>/KeSpeech and <corpus_dir>/aishell.
+    kespeech_dir: Optional[str] = None
+    aishell_dir: Optional[str] = None
+    # lhotse manifests (recordings/supervisions) and the filtered cut sets + stats report.
+    manifest_dir: str = "data/manifests"
+    cuts_dir: str = "data/cuts"
+    # Synthetic corpus (local/prepare_synthetic.py) used when no real corpus is given.
+    synthetic: bool = True
+    synthetic_size: str = "default"
+    synthetic_seed: int = 0
+    # Worker processes/threads for generation and lhotse preparation (2 cores on CI machines).
+    num_jobs: int = 2
+
+    # --- text and filters (preparation) --------------------------------------------------
+    traditional_to_simplified: bool = False
+    # Training cuts outside [min_duration, max_duration] seconds are dropped; dev/test cuts
+    # only when shorter than min_duration or longer than encoder_max_duration.
+    min_duration: float = 0.3
+    max_duration: float = 20.0
+    # The Whisper encoder sees at most 30 s: longer utterances are dropped from every split.
+    encoder_max_duration: float = 30.0
+    max_chars: int = 100
+    # Missing/corrupt/empty audio: False = stop with an error naming the file; True = skip
+    # the utterance and count it in the stats report.
+    skip_bad: bool = False
+    # Speed perturbation of the training cuts (lhotse; ids get a "_sp<factor>" suffix).
+    speed_perturb: bool = False
+    speed_factors: List[float] = field(default_factory=lambda: [0.9, 1.1])
+
+    # --- loading ---------------------------------------------------------------------------
+    # "bucketing": lhotse DynamicBucketingSampler; "simple": SimpleCutSampler (tiny data).
+    sampler: str = "bucketing"
+    batch_duration: float = 120.0  # seconds of audio per batch (lhotse max_duration)
+    max_batch_size: Optional[int] = None  # cap on utterances per batch (lhotse max_cuts)
+    num_buckets: int = 10
+    num_workers: int = 2
+    # Log-mel features are computed once per cut and kept here (None = on the fly).
+    feature_cache_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"data.sampler={self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.synthetic_size not in SYNTHETIC_SIZES:
+            raise ValueError(f"data.synthetic_size={self.synthetic_size!r}; choose one of {', '.join(SYNTHETIC_SIZES)}")
+        if not 0 <= self.min_duration < self.max_duration <= self.encoder_max_duration:
+            raise ValueError("data: need 0 <= min_duration < max_duration <= encoder_max_duration, got "
+                             f"{self.min_duration}, {self.max_duration}, {self.encoder_max_duration}")
+        for name in ("max_chars", "num_jobs", "num_buckets"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_duration <= 0 or self.num_workers < 0:
+            raise ValueError("data.batch_duration must be > 0 and data.num_workers >= 0")
+        if self.max_batch_size is not None and self.max_batch_size < 1:
+            raise ValueError(f"data.max_batch_size must be >= 1 or null, got {self.max_batch_size}")
+        if any(f <= 0 for f in self.speed_factors):
+            raise ValueError(f"data.speed_factors must be positive, got {self.speed_factors}")
+
+    @property
+    def kespeech_root(self) -> Path:
+        return Path(self.kespeech_dir) if self.kespeech_dir else Path(self.corpus_dir) / "KeSpeech"
+
+    @property
+    def aishell_root(self) -> Path:
+        return Path(self.aishell_dir) if self.aishell_dir else Path(self.corpus_dir) / "aishell"
+
+    def cuts_path(self, corpus: str, split: str) -> Path:
+        """data/cuts/<corpus>_<split>.jsonl.gz, e.g. cuts_path("kespeech", "test")."""
+        return Path(self.cuts_dir) / f"{corpus}_{split}.jsonl.gz"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "DataConfig":
+        """Strict construction from a plain mapping (a misspelt key fails with its name)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise KeyError(f"{source}: unknown data option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values)

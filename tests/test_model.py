@@ -275,3 +275,46 @@ def test_bad_model_directories_are_clear_errors(tiny_dirs, tmp_path):
         load_tokenizer(no_template)
     with pytest.raises(ValueError, match="not in the tokenizer"):
         PromptBuilder(load_tokenizer(tiny_dirs.llm_dir), "x", "<|no_such_token|>")
+
+
+# ---- adapters -----------------------------------------------------------------------------
+def test_attached_adapter_starts_as_base_adds_aux_losses_and_roundtrips(tiny_dirs, tmp_path):
+    from hdmole.adapters import AdapterConfig
+
+    torch.manual_seed(3)
+    m = LLMASR.from_config(make_config(tiny_dirs), device="cpu")
+    batch = make_batch([120, 80, 64], seed=11)
+    base_loss = m.eval()(batch).asr_loss
+    handle = m.attach_adapter(AdapterConfig(method="mole", rank=2, lambda_accent=0.1), num_accents=9)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("projector.", "adapter.")) for n in trainable)
+    assert not m.projector.linear1.base.weight.requires_grad  # the adapter library's wrapper keeps the base
+    out = m(batch)
+    torch.testing.assert_close(out.asr_loss, base_loss)  # B = 0: a fresh adapter changes nothing
+    assert set(out.aux_losses) == {"accent_ce"}
+    torch.testing.assert_close(out.loss, out.asr_loss + out.aux_losses["accent_ce"])
+    m.train()
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1.0)
+    m(batch).loss.backward()
+    opt.step()
+    m.eval()
+    ref_loss, ref_hyp = m(batch).loss, m.transcribe(batch, max_new_tokens=6)
+    assert not torch.equal(ref_loss, base_loss)
+    assert handle.statistics_summary()["layers"]
+    m.save_trainable(tmp_path / "mole")
+    fresh = LLMASR.from_saved(tmp_path / "mole", device="cpu").eval()
+    torch.testing.assert_close(fresh(batch).loss, ref_loss, atol=0, rtol=0)
+    assert fresh.transcribe(batch, max_new_tokens=6) == ref_hyp
+
+
+def test_stage_transition_loads_encoder_checkpoint_non_strictly(tiny_dirs, tmp_path):
+    stage1 = LLMASR.from_config(make_config(tiny_dirs, ctc_weight=1.0, asr_weight=0.0, freeze_encoder=False), "cpu")
+    with torch.no_grad():
+        stage1.encoder.whisper.layers[0].fc1.weight.add_(1.0)
+    stage1.save_trainable(tmp_path / "stage1")
+    stage2 = LLMASR.from_config(make_config(tiny_dirs, ctc_weight=1.0), "cpu")  # encoder frozen now
+    with pytest.raises(ValueError, match="unexpected"):
+        stage2.load_trainable(tmp_path / "stage1")
+    stage2.load_trainable(tmp_path / "stage1", strict=False)
+    assert torch.equal(stage2.encoder.whisper.layers[0].fc1.weight, stage1.encoder.whisper.layers[0].fc1.weight)
+    assert not stage2.encoder.whisper.layers[0].fc1.weight.requires_grad

@@ -256,11 +256,13 @@ class LLMASR(nn.Module):
 
     # ---- trainable-only checkpoints -----------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Parameters that train, plus buffers of the projector/adapter (e.g. routing state)."""
+        """What a checkpoint holds: every parameter that trains, plus the whole projector, CTC
+        head and adapter (parameters and buffers). Those are not in the pre-trained Hugging Face
+        directories, so a checkpoint plus the two directories always rebuilds the model."""
         state = {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
-        for prefix, module in (("projector.", self.projector), ("adapter.", self.adapter), ("ctc_head.", self.ctc_head)):
+        for prefix, module in (("projector.", self.projector), ("ctc_head.", self.ctc_head), ("adapter.", self.adapter)):
             if module is not None:
-                state.update({prefix + n: b.detach() for n, b in module.named_buffers()})
+                state.update({prefix + n: t.detach() for n, t in module.state_dict(keep_vars=True).items()})
         return state
 
     def save_trainable(self, directory: str | Path) -> Path:
@@ -273,31 +275,39 @@ class LLMASR(nn.Module):
         (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return directory
 
-    def load_trainable(self, directory: str | Path) -> None:
+    def load_trainable(self, directory: str | Path, strict: bool = True) -> list[str]:
+        """Load `save_trainable` output. strict: the checkpoint holds exactly what this model
+        would save. strict=False (moving between training stages, e.g. a CTC-trained encoder
+        into a model that now freezes it): any subset of the model's tensors; returns the keys
+        this model would save that the checkpoint lacks. Attach adapters after loading a
+        checkpoint saved without them, before loading one saved with them."""
         directory = Path(directory)
         path = directory / TRAINABLE_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no trainable checkpoint")
         saved = load_file(str(path), device=str(self.device))
+        targets = {**dict(self.named_buffers()), **dict(self.named_parameters())}
         expected = self.trainable_state_dict()
-        missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"{path}: does not match this model (attach the same adapter first): "
-                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        missing = sorted(set(expected) - set(saved))
+        unexpected = sorted(set(saved) - (set(expected) if strict else set(targets)))
+        if (strict and missing) or unexpected:
+            raise ValueError(f"{path}: does not match this model (same model config and adapter? "
+                             f"strict={strict}): missing {missing[:5]}, unexpected {unexpected[:5]}")
         meta_file = directory / CONFIG_FILE
         if meta_file.is_file():
             meta = json.loads(meta_file.read_text(encoding="utf-8"))["model"]
             for key in ("encoder_dir", "llm_dir"):
                 if meta.get(key) != getattr(self.cfg, key):
                     log.warning("%s was trained with %s=%s, this model uses %s", path, key, meta.get(key), getattr(self.cfg, key))
-        params = dict(self.named_parameters())
-        buffers = dict(self.named_buffers())
         with torch.no_grad():
             for name, value in saved.items():
-                target = params.get(name, buffers.get(name))
+                target = targets[name]
                 if target.shape != value.shape:
                     raise ValueError(f"{path}: {name} has shape {tuple(value.shape)}, model has {tuple(target.shape)}")
                 target.copy_(value)
+        if missing:
+            log.info("%s: %d tensors not in the checkpoint keep their current values: %s", path, len(missing), missing[:5])
+        return missing
 
     @classmethod
     def from_saved(cls, directory: str | Path, device: str | torch.device | None = None) -> "LLMASR":

@@ -61,8 +61,9 @@ class _Losses(nn.Module):
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         out = self.model(batch)
         losses = {"loss": out.loss}
-        if getattr(out, "asr_loss", None) is not None:
-            losses["asr_loss"] = out.asr_loss
+        for name, value in vars(out).items():  # every other scalar loss term, for the logs
+            if name != "loss" and name.endswith("loss") and torch.is_tensor(value) and value.dim() == 0:
+                losses[name] = value
         for name, value in (getattr(out, "aux_losses", None) or {}).items():
             losses[f"aux/{name}"] = value
         return losses

@@ -1,0 +1,85 @@
+"""Stages 0-1: corpus, cut sets, tokenizer + tiny checkpoints. Arguments after the step are
+Hydra overrides of the experiment config (the same ones run.sh gives training), e.g.
+
+    hdmole-prepare corpus data.synthetic_size=ci data.corpus_dir=data/synthetic_ci/corpus
+    hdmole-prepare cuts   data.cuts_dir=data/synthetic_ci/cuts ...
+    hdmole-prepare tiny   model.encoder_dir=data/synthetic_ci/tiny/whisper model.llm_dir=data/synthetic_ci/tiny/qwen
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+from hdmole.bin.common import setup_logging
+from hdmole.config import compose_config, to_object
+
+log = logging.getLogger("hdmole.prepare")
+
+# Text pre-training steps of the tiny LM (teaches it the corpus language before speech).
+TINY_TEXT_PRETRAIN_STEPS = 300
+
+
+def step_corpus(cfg) -> None:
+    data = cfg.data
+    if data.synthetic:
+        from hdmole.data.synthetic import generate
+
+        manifest = generate(data.corpus_dir, data.synthetic_size, data.synthetic_seed, data.num_jobs)
+        log.info("synthetic corpus %s: %d utterances, %.2f h", data.corpus_dir, manifest["num_utterances"],
+                 manifest["hours"])
+    else:
+        from hdmole.data.prepare import check_aishell_layout, check_kespeech_layout
+
+        check_kespeech_layout(data.kespeech_root)
+        check_aishell_layout(data.aishell_root)
+        log.info("real corpora present: %s, %s", data.kespeech_root, data.aishell_root)
+
+
+def step_cuts(cfg) -> None:
+    from hdmole.data.prepare import prepare
+
+    prepare(cfg.data)
+
+
+def training_sentences(cfg) -> list[str]:
+    from lhotse import load_manifest_lazy
+
+    sentences = []
+    for corpus in ("aishell", "kespeech"):
+        path = cfg.data.cuts_path(corpus, "train")
+        if not path.exists():
+            raise FileNotFoundError(f"{path} missing: run stage 1 (cut sets) first")
+        sentences += [s.text for cut in load_manifest_lazy(path) for s in cut.supervisions if s.text]
+    return sentences
+
+
+def step_tiny(cfg) -> None:
+    from hdmole.model.tiny import write_tiny_checkpoints
+
+    enc, llm = Path(cfg.model.encoder_dir), Path(cfg.model.llm_dir)
+    if enc.parent != llm.parent or enc.name != "whisper" or llm.name != "qwen":
+        raise ValueError(f"tiny checkpoints are written as <dir>/whisper and <dir>/qwen; got "
+                         f"model.encoder_dir={enc} model.llm_dir={llm}")
+    sentences = training_sentences(cfg)
+    write_tiny_checkpoints(enc.parent, sentences, seed=cfg.train.seed, pretrain_steps=TINY_TEXT_PRETRAIN_STEPS)
+    log.info("tiny checkpoints in %s (tokenizer from %d training sentences)", enc.parent, len(sentences))
+
+
+STEPS = {"corpus": step_corpus, "cuts": step_cuts, "tiny": step_tiny}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in STEPS:
+        sys.exit(f"usage: hdmole-prepare {{{','.join(STEPS)}}} [hydra overrides...]\n{__doc__}")
+    setup_logging()
+    start = time.time()
+    cfg = to_object(compose_config(argv[1:]))
+    STEPS[argv[0]](cfg)
+    log.info("prepare %s done in %.1f s", argv[0], time.time() - start)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# HDMoLE recipe (ESPnet style): data -> base LLM-ASR model -> accent adaptation -> decoding -> CER.
+#   ./run.sh                                   # stages 0-5 on the default synthetic corpus, CPU
+#   ./run.sh --stage 3 --stop-stage 5 --adapter lora --train-args "train.lr=5e-4"
+#   ./run.sh --corpus kespeech --model paper --ngpu 1
+# Every stage is idempotent: a done marker (written only after success) holds the stage's
+# settings; a rerun with the same settings skips the stage, changed settings redo it.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"  # paths below are relative to the recipe root
+
+stage=0
+stop_stage=5
+corpus=synthetic   # synthetic | kespeech
+size=default       # synthetic corpus size: ci | default | large
+model=tiny         # conf/model/<model>.yaml: tiny (built here) | paper (local real checkpoints)
+adapter=hdmole     # conf/adapter/<adapter>.yaml; base = no adaptation
+exp_tag=""         # experiment root exp/<tag>; default <corpus>_<size>_<model>
+nj=2               # parallel jobs for data preparation
+ngpu=0             # 0: CPU (or one GPU if present); N > 1: torchrun with N processes
+train_base=auto    # auto: train the base in stage 2 unless a finished one exists | true | false
+seed=0             # synthetic corpus seed
+base_args=""       # Hydra overrides for the base model training (stage 2)
+train_args=""      # Hydra overrides for the adaptation (stage 3), e.g. "train.lr=5e-4 adapter.rank=4"
+decode_args=""     # Hydra overrides for decoding (stage 4), e.g. "decode.num_beams=4"
+skip_setup=false   # true: do not run tools/setup_env.sh
+
+help_message="Usage: $0 [options]
+  --stage N / --stop-stage N   stages to run (0 data, 1 cuts+tokenizer+tiny checkpoints,
+                               2 base model, 3 adaptation, 4 decoding, 5 scoring); default 0-5
+  --corpus synthetic|kespeech  default synthetic (real roots in db.sh)
+  --size ci|default|large      synthetic corpus size (default: default)
+  --model tiny|paper           model config (default: tiny)
+  --adapter PRESET             conf/adapter/<PRESET>.yaml (default: hdmole; base = no adaptation)
+  --exp-tag TAG                experiment root exp/TAG
+  --nj N                       data preparation jobs (default 2)
+  --ngpu N                     GPUs (torchrun when N > 1; default 0 = CPU or the one GPU)
+  --train-base auto|true|false train the base model in stage 2 (auto: unless one exists)
+  --seed N                     synthetic corpus seed (default 0)
+  --base-args \"k=v ...\"        Hydra overrides for stage 2
+  --train-args \"k=v ...\"       Hydra overrides for stage 3
+  --decode-args \"k=v ...\"      Hydra overrides for stage 4
+  --skip-setup true|false      skip tools/setup_env.sh
+Options accept --name value, --name=value, dashes or underscores."
+
+. utils/parse_options.sh
+
+log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') (${BASH_SOURCE[1]##*/}:${BASH_LINENO[0]}) $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+one_of() { local v="$1"; shift; for a in "$@"; do [ "$v" = "$a" ] && return 0; done; return 1; }
+
+one_of "${corpus}" synthetic kespeech || die "--corpus ${corpus}: choose synthetic or kespeech"
+one_of "${size}" ci default large || die "--size ${size}: choose ci, default or large"
+one_of "${train_base}" auto true false || die "--train-base ${train_base}: choose auto, true or false"
+[[ "${stage}" =~ ^[0-9]+$ && "${stop_stage}" =~ ^[0-9]+$ ]] || die "--stage/--stop-stage must be integers"
+[[ "${nj}" =~ ^[1-9][0-9]*$ ]] || die "--nj ${nj}: a positive integer"
+[[ "${ngpu}" =~ ^[0-9]+$ ]] || die "--ngpu ${ngpu}: a non-negative integer"
+[ -f "conf/model/${model}.yaml" ] || die "--model ${model}: no conf/model/${model}.yaml"
+[ -f "conf/adapter/${adapter}.yaml" ] || die "--adapter ${adapter}: no conf/adapter/${adapter}.yaml ($(ls conf/adapter | sed 's/.yaml//' | tr '\n' ' '))"
+
+if [ "${skip_setup}" = false ]; then
+    tools/setup_env.sh
+fi
+. ./path.sh
+. ./db.sh
+
+if [ "${corpus}" = synthetic ]; then
+    corpus_tag="synthetic_${size}"
+else
+    corpus_tag="kespeech"
+fi
+data_root="data/${corpus_tag}"
+[ -n "${exp_tag}" ] || exp_tag="${corpus_tag}_${model}"
+exp_root="exp/${exp_tag}"
+base_dir="${exp_root}/base"
+adapt_dir="${exp_root}/${adapter}"
+mkdir -p "${exp_root}"
+echo "${cmdline}" >> "${exp_root}/run.sh.cmd"
+
+# ---- configuration shared by every Python stage ---------------------------------------------
+# shellcheck disable=SC2206
+common_overrides=(model="${model}" data="${corpus}" "data.corpus_dir=${data_root}/corpus"
+    "data.manifest_dir=${data_root}/manifests" "data.cuts_dir=${data_root}/cuts" "data.num_jobs=${nj}")
+if [ "${corpus}" = synthetic ]; then
+    common_overrides+=(data.synthetic=true "data.synthetic_size=${size}" "data.synthetic_seed=${seed}")
+else
+    common_overrides+=(data.synthetic=false "data.kespeech_dir=${KESPEECH}" "data.aishell_dir=${AISHELL}")
+fi
+if [ "${model}" = tiny ]; then
+    common_overrides+=("model.encoder_dir=${data_root}/tiny/whisper" "model.llm_dir=${data_root}/tiny/qwen")
+fi
+
+train_cmd=(python -m hdmole.bin.train)
+if [ "${ngpu}" -gt 1 ]; then
+    train_cmd=(torchrun --standalone --nproc-per-node "${ngpu}" -m hdmole.bin.train)
+fi
+
+# run_stage MARKER KEY CMD...: run CMD unless MARKER holds KEY; write MARKER only on success.
+run_stage() {
+    local marker="$1" key="$2"
+    shift 2
+    if [ -f "${marker}" ] && [ "$(cat "${marker}")" = "${key}" ]; then
+        log "up to date, skipped (${marker})"
+        return 0
+    fi
+    rm -f "${marker}"
+    log "running: $*"
+    "$@"
+    mkdir -p "$(dirname "${marker}")"
+    printf '%s\n' "${key}" > "${marker}.tmp"
+    mv "${marker}.tmp" "${marker}"
+}
+
+want() { [ "${stage}" -le "$1" ] && [ "${stop_stage}" -ge "$1" ]; }
+
+stage_time() { log "stage $1 done in $(( SECONDS - $2 )) s"; }
+
+# ---- stage 0: corpus ------------------------------------------------------------------------
+if want 0; then
+    t0=${SECONDS}
+    log "stage 0: corpus (${corpus_tag}) and lhotse manifests"
+    run_stage "${data_root}/.done/stage0" "${common_overrides[*]}" \
+        python -m hdmole.bin.prepare corpus "${common_overrides[@]}"
+    stage_time 0 "${t0}"
+fi
+
+# ---- stage 1: cut sets, statistics, tokenizer + tiny checkpoints ------------------------------
+if want 1; then
+    t0=${SECONDS}
+    log "stage 1: normalise/filter, cut sets, statistics"
+    run_stage "${data_root}/.done/stage1" "cuts $(cat "${data_root}/.done/stage0" 2>/dev/null)" \
+        python -m hdmole.bin.prepare cuts "${common_overrides[@]}"
+    if [ "${model}" = tiny ]; then
+        run_stage "${data_root}/.done/stage1_tiny" "tiny $(cat "${data_root}/.done/stage1")" \
+            python -m hdmole.bin.prepare tiny "${common_overrides[@]}"
+    fi
+    stage_time 1 "${t0}"
+fi
+
+# ---- stage 2: base model --------------------------------------------------------------------
+if want 2; then
+    t0=${SECONDS}
+    log "stage 2: base model (${base_dir})"
+    if [ "${train_base}" = false ]; then
+        [ -f "${base_dir}/model/done" ] || die "--train-base false but no finished base model in ${base_dir}"
+        log "using the existing base model in ${base_dir}"
+    elif [ "${model}" = tiny ]; then
+        key="$(cat "${data_root}/.done/stage1_tiny" 2>/dev/null) ${base_args}"
+        # (a) encoder + CTC head; (b) encoder frozen, projector + LLM (staged: environment.md).
+        # shellcheck disable=SC2086
+        run_stage "${exp_root}/.done/stage2_encoder" "${key}" "${train_cmd[@]}" "${common_overrides[@]}" \
+            experiment=base_encoder "exp_dir=${exp_root}/base_encoder" ${base_args}
+        # shellcheck disable=SC2086
+        run_stage "${exp_root}/.done/stage2" "${key}" "${train_cmd[@]}" "${common_overrides[@]}" \
+            experiment=base_llm "exp_dir=${base_dir}" "train.init_from=${exp_root}/base_encoder" ${base_args}
+    else
+        # shellcheck disable=SC2086
+        run_stage "${exp_root}/.done/stage2" "$(cat "${data_root}/.done/stage1" 2>/dev/null) ${base_args}" \
+            "${train_cmd[@]}" "${common_overrides[@]}" experiment=base_projector "exp_dir=${base_dir}" ${base_args}
+    fi
+    stage_time 2 "${t0}"
+fi
+
+# ---- stage 3: adaptation --------------------------------------------------------------------
+if want 3; then
+    t0=${SECONDS}
+    log "stage 3: adaptation adapter=${adapter} (${adapt_dir})"
+    [ -f "${base_dir}/model/done" ] || die "no finished base model in ${base_dir}: run stage 2"
+    # shellcheck disable=SC2086
+    run_stage "${exp_root}/.done/stage3_${adapter}" "$(cat "${base_dir}/model/done") ${train_args}" \
+        "${train_cmd[@]}" "${common_overrides[@]}" experiment=adapt "adapter=${adapter}" \
+        "exp_dir=${adapt_dir}" "train.init_from=${base_dir}" ${train_args}
+    stage_time 3 "${t0}"
+fi
+
+# ---- stage 4: decoding ----------------------------------------------------------------------
+if want 4; then
+    t0=${SECONDS}
+    log "stage 4: decoding every test set (${adapt_dir}/decode)"
+    # shellcheck disable=SC2086
+    run_stage "${exp_root}/.done/stage4_${adapter}" "$(cat "${adapt_dir}/model/done" 2>/dev/null) ${decode_args}" \
+        python -m hdmole.bin.decode "exp_dir=${adapt_dir}" ${decode_args}
+    stage_time 4 "${t0}"
+fi
+
+# ---- stage 5: scoring -----------------------------------------------------------------------
+if want 5; then
+    t0=${SECONDS}
+    log "stage 5: scoring (${adapt_dir}/RESULTS.md)"
+    run_stage "${exp_root}/.done/stage5_${adapter}" "$(cat "${exp_root}/.done/stage4_${adapter}" 2>/dev/null)" \
+        python -m hdmole.bin.score "${adapt_dir}" --name "${adapter}"
+    stage_time 5 "${t0}"
+    cat "${adapt_dir}/RESULTS.md"
+fi
+log "finished stages ${stage}-${stop_stage} (${SECONDS} s)"

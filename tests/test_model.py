@@ -318,3 +318,24 @@ def test_stage_transition_loads_encoder_checkpoint_non_strictly(tiny_dirs, tmp_p
     stage2.load_trainable(tmp_path / "stage1", strict=False)
     assert torch.equal(stage2.encoder.whisper.layers[0].fc1.weight, stage1.encoder.whisper.layers[0].fc1.weight)
     assert not stage2.encoder.whisper.layers[0].fc1.weight.requires_grad
+
+
+def test_static_stepper_matches_dynamic_stepper(model):
+    from hdmole.model.decoding import LMStepper, StaticLMStepper
+    layout = model.prompts.layout([3, 6, 1])
+    embeds = model.llm.get_input_embeddings()(layout.token_ids)
+    dynamic, static = LMStepper(model.llm), StaticLMStepper(model.llm, max_new_tokens=8)
+    args = (embeds, layout.attention_mask, layout.position_ids)
+    a, b = dynamic.prefill(*args), static.prefill(*args)
+    torch.testing.assert_close(a, b)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(6):
+        tokens = torch.randint(0, 100, (3,), generator=gen)
+        if step == 3:  # beam reordering keeps both caches in step
+            rows = torch.tensor([2, 0, 0])
+            dynamic.reorder(rows)
+            static.reorder(rows)
+        torch.testing.assert_close(dynamic.step(tokens), static.step(tokens), atol=1e-5, rtol=1e-4)
+    batch = make_batch([150, 90], seed=13)
+    assert (model.transcribe(batch, max_new_tokens=10, decode_backend="static")
+            == model.transcribe(batch, max_new_tokens=10, decode_backend="dynamic"))

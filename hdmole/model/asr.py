@@ -20,7 +20,7 @@ from torch import nn
 
 from hdmole.batch import Batch
 from hdmole.model.config import ModelConfig
-from hdmole.model.decoding import LMStepper, StoppingRules, beam_search, greedy_search
+from hdmole.model.decoding import StoppingRules, beam_search, greedy_search, make_stepper
 from hdmole.model.encoder import SpeechEncoder, load_whisper_encoder
 from hdmole.model.llm import IGNORE_INDEX, PromptBuilder, load_llm, load_tokenizer
 from hdmole.model.projector import FrameConcatProjector
@@ -218,8 +218,14 @@ class LLMASR(nn.Module):
     @torch.no_grad()
     def transcribe(self, batch: Batch, num_beams: int = 1, max_new_tokens: int = 200,
                    max_tokens_per_second: float | None = 12.0, max_repeats: int = 4,
-                   repeat_max_ngram: int = 4, length_penalty: float = 1.0) -> dict[str, str]:
-        """Hypotheses keyed by utterance id (greedy when num_beams == 1)."""
+                   repeat_max_ngram: int = 4, length_penalty: float = 1.0,
+                   decode_backend: str = "auto") -> dict[str, str]:
+        """Hypotheses keyed by utterance id (greedy when num_beams == 1).
+
+        New tokens per utterance: at most min(max_new_tokens, ceil(seconds * max_tokens_per_second)
+        + 4). A hypothesis whose tail is one n-gram (n <= repeat_max_ngram) repeated max_repeats
+        times ends there (0 disables). decode_backend: see decoding.make_stepper.
+        """
         was_training = self.training
         self.eval()
         try:
@@ -233,7 +239,8 @@ class LLMASR(nn.Module):
                 self.prompts.eos_id, self.prompts.pad_id,
                 self.max_new_tokens_for(batch.feature_lens, max_new_tokens, max_tokens_per_second).to(self.device),
                 max_repeats, repeat_max_ngram)
-            args = (LMStepper(self.llm), embeds, layout.attention_mask.to(self.device),
+            stepper = make_stepper(self.llm, decode_backend, int(rules.max_new_tokens.max()) + 1)
+            args = (stepper, embeds, layout.attention_mask.to(self.device),
                     layout.position_ids.to(self.device), rules)
             rows = greedy_search(*args) if num_beams == 1 else beam_search(*args, num_beams, length_penalty)
         finally:

@@ -54,6 +54,136 @@ class LMStepper:
         self.next_position = self.next_position[rows]
 
 
+def _cache_kv(cache: DynamicCache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(cache, "layers"):
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache.key_cache[layer], cache.value_cache[layer]  # older Cache layout
+
+
+class StaticLMStepper(LMStepper):
+    """Fast decode steps for Qwen2: a preallocated KV cache and a hand-written single-token step.
+
+    The prompt is prefilled by the Hugging Face forward (DynamicCache), then copied into static
+    buffers. Each step reuses the model's own modules (norms, projections, rotary embedding, MLP)
+    on fixed-shape tensors, so on CUDA the whole step is captured once as a CUDA graph and
+    replayed: no per-step Python/kernel-launch overhead, no mask rebuilding.
+    Equal to the generic stepper up to float rounding (tests/test_model.py).
+    """
+
+    SUPPORTED = ("qwen2",)
+
+    def __init__(self, llm: PreTrainedModel, max_new_tokens: int, cuda_graph: bool = True) -> None:
+        super().__init__(llm)
+        if llm.config.model_type not in self.SUPPORTED:
+            raise ValueError(f"StaticLMStepper supports {self.SUPPORTED}, not {llm.config.model_type!r}")
+        self.max_new_tokens = max_new_tokens
+        self.cuda_graph = cuda_graph
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        logits = super().prefill(embeds, attention_mask, position_ids)
+        rows, prompt = attention_mask.shape
+        capacity = prompt + self.max_new_tokens + 1
+        device = embeds.device
+        self.keys, self.values = [], []
+        for i in range(len(self.llm.model.layers)):
+            k, v = _cache_kv(self.cache, i)
+            kbuf = k.new_zeros((rows, k.shape[1], capacity, k.shape[3]))
+            vbuf = v.new_zeros((rows, v.shape[1], capacity, v.shape[3]))
+            kbuf[:, :, :prompt] = k
+            vbuf[:, :, :prompt] = v
+            self.keys.append(kbuf)
+            self.values.append(vbuf)
+        del self.cache
+        self.mask = torch.zeros((rows, capacity), dtype=torch.bool, device=device)
+        self.mask[:, :prompt] = attention_mask.bool()
+        self.write_at = torch.tensor([prompt], dtype=torch.long, device=device)
+        self.position = self.next_position.clone()
+        self.token = torch.zeros(rows, dtype=torch.long, device=device)
+        self.graph = None
+        return logits
+
+    def _step_body(self) -> torch.Tensor:
+        """One token for every row; reads/writes only the static buffers."""
+        model, cfg = self.llm.model, self.llm.config
+        heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        self.mask.index_fill_(1, self.write_at, True)
+        x = model.embed_tokens(self.token)[:, None, :]
+        cos, sin = model.rotary_emb(x, self.position[:, None])
+        rows = x.shape[0]
+        for i, layer in enumerate(model.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(rows, 1, heads, head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(rows, 1, kv_heads, head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(rows, 1, kv_heads, head_dim).transpose(1, 2)
+            q, k = _apply_rotary(q, k, cos, sin)
+            self.keys[i].index_copy_(2, self.write_at, k)
+            self.values[i].index_copy_(2, self.write_at, v)
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q, self.keys[i], self.values[i], attn_mask=self.mask[:, None, None, :],
+                scale=head_dim ** -0.5, enable_gqa=heads != kv_heads)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(rows, 1, heads * head_dim))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        logits = self.llm.lm_head(model.norm(x))[:, 0]
+        self.write_at.add_(1)
+        self.position.add_(1)
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.token.copy_(tokens)
+        if not (self.cuda_graph and self.token.is_cuda):
+            return self._step_body()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits_out
+
+    def _capture(self) -> None:
+        # Warm up on a side stream (required before capture), then undo the warm-up's writes.
+        saved = (self.mask.clone(), self.write_at.clone(), self.position.clone())
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._step_body()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.mask.copy_(saved[0]); self.write_at.copy_(saved[1]); self.position.copy_(saved[2])
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits_out = self._step_body()
+        # Capture records but does not run the step: the state is still the pre-step state.
+        self.mask.copy_(saved[0]); self.write_at.copy_(saved[1]); self.position.copy_(saved[2])
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        for buf in (*self.keys, *self.values):
+            buf.copy_(buf.index_select(0, rows))
+        self.mask.copy_(self.mask.index_select(0, rows))
+        self.position.copy_(self.position.index_select(0, rows))
+
+
+def _apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = cos[:, None], sin[:, None]
+
+    def rotate_half(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def make_stepper(llm: PreTrainedModel, backend: str, max_new_tokens: int) -> LMStepper:
+    """backend: "dynamic" (any causal LM), "static" (Qwen2 fast path, CUDA graph on GPU),
+    "auto" (static when supported)."""
+    if backend == "auto":
+        backend = "static" if llm.config.model_type in StaticLMStepper.SUPPORTED else "dynamic"
+    if backend == "static":
+        return StaticLMStepper(llm, max_new_tokens)
+    if backend == "dynamic":
+        return LMStepper(llm)
+    raise ValueError(f"decode backend {backend!r} unknown; use auto, static or dynamic")
+
+
 @dataclass
 class StoppingRules:
     eos_id: int

@@ -18,6 +18,7 @@ SELECTIONS = ("dense", "topk", "topp", "fixed_threshold", "threshold", "token_th
 GLOBAL_ROUTERS = ("learned", "oracle", "none")
 COMBINATIONS = ("prior", "sum", "local", "global")
 POOLINGS = ("mean", "mean_std")
+TAU_HEADROOM = 1.0 - 1.0e-3
 
 
 @dataclass
@@ -86,7 +87,8 @@ class AdapterConfig:
     # Router z-loss (mean squared log-sum-exp of local logits), mean over layer calls.
     lambda_z: float = 0.0
 
-    # Raise when router logits are not finite, naming the layer (one device sync per layer).
+    # Raise when router logits are not finite, naming the layer. Checked once per routing
+    # block when it closes (one device sync per batch), immediately outside a block.
     check_finite: bool = True
 
     def __post_init__(self) -> None:
@@ -166,8 +168,11 @@ class AdapterConfig:
         if not 0.0 <= fixed_tau < 1.0 / experts:
             raise ValueError(f"adapter.fixed_tau={fixed_tau} must be in [0, 1/num_experts="
                              f"{1.0 / experts:.4g}) so that at least one expert stays active")
-        return ResolvedAdapter(num_experts=experts, tau_max=tau_max, fixed_tau=fixed_tau,
-                               num_accents=num_accents)
+        # Thresholds stay TAU_HEADROOM below 1/E: max_i p_i >= 1/E up to fp32 rounding of
+        # the softmax (~1e-7 relative), so the arg-max expert is always strictly above tau.
+        ceiling = TAU_HEADROOM / experts
+        return ResolvedAdapter(num_experts=experts, tau_max=min(tau_max, ceiling),
+                               fixed_tau=min(fixed_tau, ceiling), num_accents=num_accents)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ accent posterior, labels, token mask) and what the layers leave behind (loss ter
 statistics). One instance per AdapterHandle, shared by all its layers."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from . import losses
@@ -28,6 +29,25 @@ class RoutingState:
         self.accent_ce: Tensor | None = None
         self.balance_terms: list[Tensor] = []
         self.z_terms: list[Tensor] = []
+        self.finite_flags: list[tuple[str, Tensor]] = []
+
+    def watch_finite(self, where: str, values: Tensor) -> None:
+        """Inside a block: remember a device-side flag, checked once at the block's end
+        (one host sync per batch instead of one per layer). Outside: check now."""
+        flag = torch.isfinite(values).all()
+        if self.inside:
+            self.finite_flags.append((where, flag))
+        elif not bool(flag):
+            raise FloatingPointError(f"non-finite router logits in {where}")
+
+    def raise_if_nonfinite(self) -> None:
+        if not self.finite_flags:
+            return
+        flags = torch.stack([flag for _, flag in self.finite_flags]).tolist()
+        bad = sorted({where for (where, _), ok in zip(self.finite_flags, flags) if not ok})
+        self.finite_flags = []
+        if bad:
+            raise FloatingPointError(f"non-finite router logits in {', '.join(bad)}")
 
     def add_layer(self, name: str) -> None:
         self.layer_statistics[name] = LayerStatistics(self.num_experts, self.num_accents)

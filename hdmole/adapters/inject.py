@@ -135,6 +135,9 @@ class AdapterHandle(nn.Module):
         if self.global_router is not None:
             log_g = self.global_router(accent_features, accent_feature_mask, labels)
             state.log_g = log_g
+            if self.cfg.check_finite:
+                state.finite_flags.append(("the global accent router",
+                                           torch.isfinite(log_g).all()))
             if isinstance(self.global_router, GlobalAccentRouter):
                 if self.cfg.lambda_accent > 0:
                     state.accent_ce = accent_cross_entropy(log_g, labels)
@@ -148,6 +151,7 @@ class AdapterHandle(nn.Module):
         finally:
             state.inside = False
             state.log_g = state.labels = state.token_mask = None  # keep losses until next block
+        state.raise_if_nonfinite()  # only on a normal exit: never mask the block's own error
 
     def auxiliary_losses(self) -> dict[str, Tensor]:
         """Weighted auxiliary losses of the last routing block; only enabled, present ones."""

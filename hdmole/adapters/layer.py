@@ -115,9 +115,8 @@ class MoLoRALinear(nn.Module):
         logits = extra = None
         if self.router is not None:
             logits = routing_rows[..., :e].to(dtype)
-            if self.check_finite and not bool(torch.isfinite(logits).all()):
-                raise FloatingPointError(
-                    f"non-finite router logits in adapter layer {self.adapter_name!r}")
+            if self.check_finite:
+                self.state.watch_finite(f"adapter layer {self.adapter_name!r}", logits)
             routing_rows = routing_rows[..., e:]
         if self.selection.extra_rows:
             extra = routing_rows.to(dtype) + self.selection.extra_bias().to(dtype)

@@ -5,19 +5,17 @@ Token tensors are flat: p, w (N, E), logits (N, E), valid (N,) float in {0, 1}.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
 def accent_cross_entropy(log_g: Tensor, labels: Tensor | None) -> Tensor | None:
-    """Mean CE of the global router over utterances with a known label (label >= 0);
-    None when no utterance has one (the loss is then absent, not zero)."""
+    """Mean CE of the global router over utterances with a known label (label >= 0); 0 (with
+    zero gradient) when none has one, so no host sync is needed; None without labels."""
     if labels is None:
         return None
-    known = labels >= 0
-    if not bool(known.any()):
-        return None
-    return F.nll_loss(log_g[known], labels[known].long())
+    known = (labels >= 0).to(log_g.dtype)
+    picked = log_g.gather(-1, labels.clamp_min(0).long().unsqueeze(-1)).squeeze(-1)
+    return -(picked * known).sum() / known.sum().clamp_min(1.0)
 
 
 def load_balance(p: Tensor, w: Tensor, valid: Tensor) -> Tensor:

@@ -17,23 +17,23 @@ ORACLE_LOG_ZERO = -1.0e4
 
 
 def masked_pool(features: Tensor, mask: Tensor | None, kind: str) -> Tensor:
-    """Mean (and std) over the valid frames of (B, T, D) features -> (B, D) or (B, 2D)."""
-    x = features.float()
+    """Mean (and std) over the valid frames of (B, T, D) features -> (B, D) or (B, 2D), fp32.
+
+    The masked sum accumulates in fp32 without an fp32 copy of a long bf16 encoder output."""
     if mask is None:
-        m = x.new_ones(x.shape[:2])
-    else:
-        if mask.shape != x.shape[:2]:
-            raise ValueError(f"accent_feature_mask shape {tuple(mask.shape)} does not match "
-                             f"accent_features {tuple(features.shape)}[:2]")
-        m = mask.to(x.dtype)
-    count = m.sum(1, keepdim=True)
-    if bool((count == 0).any()):
-        raise ValueError("accent_feature_mask has an utterance without valid frames")
-    m = m.unsqueeze(-1)
-    mean = (x * m).sum(1) / count
+        mask = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
+    elif mask.shape != features.shape[:2]:
+        raise ValueError(f"accent_feature_mask shape {tuple(mask.shape)} does not match "
+                         f"accent_features {tuple(features.shape)}[:2]")
+    # An utterance without valid frames (a collate bug) pools to zeros rather than NaN;
+    # no check here, as it would cost a host sync per batch.
+    count = mask.sum(1, keepdim=True, dtype=torch.float32).clamp_min(1.0)
+    m = mask.unsqueeze(-1).to(features.dtype)
+    mean = (features * m).sum(1, dtype=torch.float32) / count
     if kind == "mean":
         return mean
-    var = (((x - mean.unsqueeze(1)) ** 2) * m).sum(1) / count
+    x = features.float()
+    var = (((x - mean.unsqueeze(1)) ** 2) * m.float()).sum(1) / count
     return torch.cat([mean, (var + 1e-5).sqrt()], dim=-1)
 
 
@@ -60,10 +60,7 @@ class GlobalAccentRouter(nn.Module):
         h = F.layer_norm(pooled, self.norm.normalized_shape, self.norm.weight.float(),
                          self.norm.bias.float(), self.norm.eps)
         h = F.gelu(F.linear(h, self.hidden.weight.float(), self.hidden.bias.float()))
-        logits = F.linear(h, self.out.weight.float(), self.out.bias.float())
-        if not bool(torch.isfinite(logits).all()):
-            raise FloatingPointError("non-finite logits in the global accent router")
-        return logits.log_softmax(-1)
+        return F.linear(h, self.out.weight.float(), self.out.bias.float()).log_softmax(-1)
 
 
 class OracleAccentRouter(nn.Module):

@@ -2,8 +2,8 @@
 
 All run in fp32 on the small routing tensors. The active set of a token is S = {i : w_i > 0}.
 Every strategy keeps at least one expert active: dense/topk/topp by construction, the
-thresholds because tau < 1/E <= max_i p_i (and, should rounding ever make all p_i - tau <= 0,
-the arg-max expert gets weight 1 instead of a silent fall-back to the base layer).
+thresholds because tau <= (1 - 1e-3)/E < max_i p_i (config.TAU_HEADROOM), so a token never
+silently falls back to the base layer.
 """
 from __future__ import annotations
 
@@ -71,14 +71,14 @@ class TopPSelection(Selection):
 
 
 def threshold_weights(p: Tensor, tau: Tensor) -> Tensor:
-    """w_i = (p_i - tau)_+ / sum_j (p_j - tau)_+; arg-max one-hot where that sum is 0.
+    """w_i = (p_i - tau)_+ / sum_j (p_j - tau)_+.
 
-    Subtracting tau makes weights vanish continuously at the boundary and gives tau a
-    gradient; a token with one active expert gets weight 1 (no gradient to tau from it)."""
+    Needs tau < max_i p_i, which the resolved thresholds guarantee (they stay below
+    TAU_HEADROOM / E <= max_i p_i). Subtracting tau makes weights vanish continuously at
+    the boundary and gives tau a gradient; a token with one active expert gets weight 1
+    (no gradient to tau or the router from it)."""
     excess = (p - tau).clamp_min(0.0)
-    total = excess.sum(-1, keepdim=True)
-    fallback = torch.zeros_like(p).scatter(-1, p.argmax(-1, keepdim=True), 1.0)
-    return torch.where(total > 0, excess / total.clamp_min(torch.finfo(p.dtype).tiny), fallback)
+    return excess / excess.sum(-1, keepdim=True)
 
 
 class FixedThresholdSelection(Selection):

@@ -22,7 +22,11 @@ def _share(numerator: Tensor, denominator: Tensor) -> list:
 
 class LayerStatistics:
     """One adapted layer: number of active experts |S| (mean, histogram, shares of 1 and E),
-    threshold, expert load, and per accent the mean routing weight of every expert."""
+    threshold, expert load, and per accent the mean routing weight of every expert.
+
+    Everything is one float64 matrix S (accents + 1 "unknown" row) x (E+1 histogram bins,
+    E weights, tau sum, token count), updated per call by one small matrix product: no
+    host sync and a handful of kernels per layer call."""
 
     def __init__(self, num_experts: int, num_accents: int) -> None:
         self.num_experts = num_experts
@@ -30,58 +34,54 @@ class LayerStatistics:
         self.reset()
 
     def reset(self) -> None:
-        self._acc: dict[str, Tensor] | None = None
-        self._tau_tokens = 0.0
-
-    def _zeros(self, device: torch.device) -> dict[str, Tensor]:
-        e, a = self.num_experts, self.num_accents
-        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
-        return {"tokens": z(()), "active_hist": z(e + 1), "load": z(e), "tau_sum": z(()),
-                "tau_tokens": z(()), "accent_tokens": z(a), "accent_weight": z(a, e),
-                "accent_active": z(a)}
+        self._sums: Tensor | None = None
+        self._has_tau = False
 
     @torch.no_grad()
     def record(self, w: Tensor, tau: Tensor | None, valid: Tensor,
                token_accents: Tensor | None) -> None:
-        if self._acc is None:
-            self._acc = self._zeros(w.device)
-        acc = self._acc
-        m = valid.double()
+        """w (N, E); tau scalar or (N, 1); valid (N,) in {0, 1}; token_accents (N,), -1 unknown."""
+        e, a = self.num_experts, self.num_accents
         w = w.double()
-        active = (w > 0).sum(-1)
-        acc["tokens"] += m.sum()
-        acc["active_hist"].index_add_(0, active, m)
-        acc["load"] += (w * m.unsqueeze(-1)).sum(0)
-        if tau is not None:
-            tau_t = tau.double().expand(*w.shape[:-1], 1).reshape(-1)
-            acc["tau_sum"] += (tau_t * m).sum()
-            acc["tau_tokens"] += m.sum()
-        if token_accents is not None:
-            known = m * (token_accents >= 0)
-            index = token_accents.clamp_min(0)
-            acc["accent_tokens"].index_add_(0, index, known)
-            acc["accent_weight"].index_add_(0, index, w * known.unsqueeze(-1))
-            acc["accent_active"].index_add_(0, index, active.double() * known)
+        bins = torch.arange(e + 1, device=w.device)
+        active_one_hot = (w > 0).sum(-1, keepdim=True) == bins
+        tau_column = (tau.double().expand(w.shape[0], 1) if tau is not None
+                      else w.new_zeros(w.shape[0], 1))
+        self._has_tau = self._has_tau or tau is not None
+        features = torch.cat([active_one_hot.double(), w, tau_column,
+                              w.new_ones(w.shape[0], 1)], dim=1)
+        rows = torch.arange(a + 1, device=w.device)
+        if token_accents is None:
+            accent_one_hot = (rows == a).double().expand(w.shape[0], a + 1)
+        else:
+            index = torch.where(token_accents >= 0, token_accents, a)
+            accent_one_hot = (index.unsqueeze(-1) == rows).double()
+        sums = (accent_one_hot * valid.double().unsqueeze(-1)).t() @ features
+        self._sums = sums if self._sums is None else self._sums + sums
 
     def summary(self, current_tau: float | None) -> dict:
-        e = self.num_experts
-        acc = self._acc if self._acc is not None else self._zeros(torch.device("cpu"))
-        tokens = float(acc["tokens"])
-        hist = acc["active_hist"].tolist()
-        sizes = torch.arange(e + 1, dtype=torch.float64, device=acc["active_hist"].device)
-        tau_tokens = float(acc["tau_tokens"])
+        e, a = self.num_experts, self.num_accents
+        sums = (self._sums if self._sums is not None
+                else torch.zeros(a + 1, 2 * e + 3, dtype=torch.float64)).cpu()
+        total = sums.sum(0)
+        tokens = float(total[-1])
+        hist = total[:e + 1].tolist()
+        sizes = torch.arange(e + 1, dtype=torch.float64)
+        per_accent = sums[:a]
+        accent_tokens = per_accent[:, -1]
         return {
             "tokens": tokens,
-            "active_mean": float((acc["active_hist"] * sizes).sum()) / tokens if tokens else None,
+            "active_mean": float(total[:e + 1] @ sizes) / tokens if tokens else None,
             "active_histogram": hist,  # index k = number of tokens with |S| = k
-            "share_one_active": hist[1] / tokens if tokens else None,
+            "share_one_active": hist[1] / tokens if tokens and e >= 1 else None,
             "share_all_active": hist[e] / tokens if tokens else None,
             "tau_current": current_tau,
-            "tau_mean": float(acc["tau_sum"]) / tau_tokens if tau_tokens else None,
-            "expert_load": [v / tokens for v in acc["load"].tolist()] if tokens else None,
-            "accent_tokens": acc["accent_tokens"].tolist(),
-            "accent_expert_weight": _share(acc["accent_weight"], acc["accent_tokens"]),
-            "accent_active_mean": _share(acc["accent_active"], acc["accent_tokens"]),
+            "tau_mean": float(total[2 * e + 1]) / tokens if tokens and self._has_tau else None,
+            "expert_load": [v / tokens for v in total[e + 1:2 * e + 1].tolist()] if tokens else None,
+            "accent_tokens": accent_tokens.tolist(),
+            "accent_expert_weight": _share(per_accent[:, e + 1:2 * e + 1], accent_tokens),
+            "accent_active_mean": _share(per_accent[:, :e + 1] @ sizes, accent_tokens),
+            "accent_active_histogram": per_accent[:, :e + 1].tolist(),
         }
 
 
@@ -99,10 +99,10 @@ class GlobalRouterStatistics:
     def record(self, log_g: Tensor, labels: Tensor | None) -> None:
         if labels is None:
             return
-        known = labels >= 0
-        a = self.num_accents
-        pairs = labels[known].long() * a + log_g[known].argmax(-1)
-        counts = torch.bincount(pairs, minlength=a * a).view(a, a).double()
+        classes = torch.arange(self.num_accents, device=log_g.device)
+        truth = (labels.unsqueeze(-1) == classes).double()  # unknown (-1): all-zero row
+        guess = (log_g.argmax(-1, keepdim=True) == classes).double()
+        counts = truth.t() @ guess
         self._confusion = counts if self._confusion is None else self._confusion + counts
 
     def summary(self) -> dict:

@@ -1,0 +1,242 @@
+"""Forward+backward time of one adapted linear layer (a benchmark, not a test).
+
+Rows: the frozen base linear; one LoRA of the same total rank (E*r); every selection
+strategy through the fused MoLoRALinear; HDMoLE as configured by default (learned global
+prior + learned per-layer threshold, statistics and finite checks on); a naive
+implementation (Python loop over experts, router on an fp32 copy of x); and the global
+accent router alone (once per model and batch, not per layer).
+
+    python bench/adapter_layer.py --shape small                     # CPU
+    python bench/adapter_layer.py --shape paper --out bench.json    # CUDA, bf16
+
+The paper shape is 16,384 tokens (16 x 1024), 6400 -> 2048 (the projector's first linear
+after 5-frame concatenation of a 1280-d Whisper encoder), 8 experts of rank 8.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hdmole.adapters import AdapterConfig, inject
+from hdmole.adapters.selection import threshold_weights
+
+SHAPES = {  # batch, tokens per utterance, d_in, d_out, experts, rank, encoder dim, frames
+    "paper": dict(batch=16, tokens=1024, d_in=6400, d_out=2048, experts=8, rank=8,
+                  feature_dim=1280, frames=5120),
+    "small": dict(batch=4, tokens=128, d_in=1280, d_out=512, experts=8, rank=8,
+                  feature_dim=256, frames=640),
+}
+
+
+class Wrap(nn.Module):
+    """Gives inject() a parent module whose linear is named like the projector's."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear1 = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear1(x)
+
+
+class NaiveMoLoRA(nn.Module):
+    """What the fused layer replaces: experts in a Python loop, router on an fp32 copy."""
+
+    def __init__(self, base: nn.Linear, experts: int, rank: int, scaling: float) -> None:
+        super().__init__()
+        self.base, self.scaling = base, scaling
+        self.A = nn.ParameterList(nn.Parameter(torch.randn(rank, base.in_features,
+                                                           device=base.weight.device) * 0.01)
+                                  for _ in range(experts))
+        self.B = nn.ParameterList(nn.Parameter(torch.randn(base.out_features, rank,
+                                                           device=base.weight.device) * 0.01)
+                                  for _ in range(experts))
+        self.router = nn.Linear(base.in_features, experts, bias=False, device=base.weight.device)
+        self.theta = nn.Parameter(torch.zeros((), device=base.weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        p = self.router(x.float()).softmax(-1)
+        w = threshold_weights(p, torch.sigmoid(self.theta) / len(self.A))
+        for i, (a, b) in enumerate(zip(self.A, self.B)):
+            gate = (w[..., i:i + 1] * self.scaling).to(x.dtype)
+            y = y + gate * F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+        return y
+
+
+def measure(device: torch.device, step: Callable[[], None], iters: int) -> float:
+    """Mean ms per call over `iters` calls (CUDA events on GPU, wall clock on CPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / iters
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    return (time.perf_counter() - t0) * 1e3 / iters
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                        help="default: paper on CUDA, small on CPU")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--dtype", choices=("bf16", "fp32", "auto"), default="auto",
+                        help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None, help="default: 5 on CUDA, 10 on CPU")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (1 keeps CPU timings stable on a shared machine)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table as JSON")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    cuda = device.type == "cuda"
+    shape_name = args.shape or ("paper" if cuda else "small")
+    shape = SHAPES[shape_name]
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
+        args.dtype, torch.bfloat16 if cuda else torch.float32)
+    warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
+    iters = args.iters if args.iters is not None else (20 if cuda else 2)
+    repeats = args.repeats if args.repeats is not None else (5 if cuda else 10)
+    if not cuda:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    b, t, d_in, d_out = shape["batch"], shape["tokens"], shape["d_in"], shape["d_out"]
+    experts, rank = shape["experts"], shape["rank"]
+    x = torch.randn(b, t, d_in, device=device, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(b, t, d_out, device=device, dtype=dtype)
+    token_mask = torch.ones(b, t, dtype=torch.bool, device=device)
+    token_mask[-1, t // 2:] = False  # some padding, as in a real batch
+    labels = torch.arange(b, device=device) % experts
+    pooled_features = torch.randn(b, 1, shape["feature_dim"], device=device, dtype=dtype)
+    frames = torch.randn(b, shape["frames"], shape["feature_dim"], device=device, dtype=dtype)
+    frame_mask = torch.ones(b, shape["frames"], dtype=torch.bool, device=device)
+    base_cfg = AdapterConfig(num_experts=experts, rank=rank, alpha=2.0 * rank)
+
+    def fresh_base() -> nn.Linear:
+        torch.manual_seed(0)
+        return nn.Linear(d_in, d_out, device=device, dtype=dtype).requires_grad_(False)
+
+    def layer_step(module: nn.Module, context: Callable[[], object] | None) -> Callable[[], None]:
+        params = [p for p in module.parameters() if p.requires_grad]
+
+        def step() -> None:
+            x.grad = None
+            for p in params:
+                p.grad = None
+            if context is None:
+                y = module(x)
+            else:
+                with context():
+                    y = module(x)
+            y.backward(grad_out)
+        return step
+
+    def adapted(cfg: AdapterConfig):
+        module = Wrap(fresh_base())
+        handle = inject(module, cfg, num_accents=experts, accent_feature_dim=shape["feature_dim"])
+        handle.to(device)
+        with torch.no_grad():  # non-zero B: the same work as after the first update
+            for layer in handle.layers.values():
+                layer.lora_B.normal_(0, 0.02)
+        return module, handle
+
+    rows: list[tuple[str, Callable[[], None]]] = [("frozen base linear", layer_step(Wrap(fresh_base()), None))]
+    lora_module, _ = adapted(replace(base_cfg, method="lora"))
+    rows.append((f"lora rank {experts * rank}", layer_step(lora_module, None)))
+    local = replace(base_cfg, global_router="none", combine="local", lambda_accent=0.0)
+    for selection in ("dense", "topk", "topp", "fixed_threshold", "threshold", "token_threshold"):
+        module, handle = adapted(replace(local, selection=selection))
+        rows.append((f"mole {selection} (fused)",
+                     layer_step(module, lambda h=handle: h.routing(token_mask=token_mask))))
+    for name, cfg, stats in (("hdmole (fused, default)", base_cfg, True),
+                             ("hdmole (no stats/finite check)", replace(base_cfg, check_finite=False), False),
+                             ("hdmole lambda_balance+z", replace(base_cfg, lambda_balance=0.01,
+                                                                lambda_z=0.001), True)):
+        module, handle = adapted(cfg)
+        handle.statistics_enabled = stats
+        rows.append((name, layer_step(module, lambda h=handle: h.routing(
+            pooled_features, None, labels, token_mask))))
+    module, handle = adapted(replace(base_cfg, global_router="oracle", combine="global",
+                                     selection="dense"))
+    rows.append(("oracle_accent (fused)", layer_step(module, lambda h=handle: h.routing(
+        accent_labels=labels, token_mask=token_mask))))
+    naive = NaiveMoLoRA(fresh_base(), experts, rank, 2.0)
+    rows.append(("naive loop over experts", layer_step(naive, None)))
+    _, router_handle = adapted(base_cfg)
+
+    def global_router_step() -> None:
+        for p in router_handle.global_router.parameters():
+            p.grad = None
+        with router_handle.routing(frames, frame_mask, labels):
+            pass
+        router_handle.auxiliary_losses()["accent_ce"].backward()
+    rows.append(("global router alone (per model)", global_router_step))
+
+    # Rows take turns (round robin) so that load changes on a shared machine hit all alike;
+    # a row's time is the median of its repeats on CUDA and the minimum on a (noisy) CPU.
+    samples: dict[str, list[float]] = {name: [] for name, _ in rows}
+    peaks: dict[str, float | None] = {}
+    for name, step in rows:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(warmup):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        peaks[name] = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    for _ in range(repeats):
+        for name, step in rows:
+            samples[name].append(measure(device, step, iters))
+    pick = statistics.median if cuda else min
+    results = [{"name": name, "ms": pick(samples[name]), "peak_mib": peaks[name],
+                "samples_ms": samples[name]} for name, _ in rows]
+    base_ms = results[0]["ms"]
+    for row in results:
+        row["ratio_to_base"] = row["ms"] / base_ms
+
+    device_name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
+    print(f"# {device_name}, torch {torch.__version__}, {str(dtype).replace('torch.', '')}, "
+          f"threads {torch.get_num_threads()}, shape {shape_name}: {b * t} tokens, "
+          f"{d_in} -> {d_out}, {experts} experts rank {rank}; fwd+bwd, "
+          f"{'median' if cuda else 'min'} of {repeats} x {iters} iters")
+    print(f"{'layer':<34}{'ms':>10}{'x base':>9}" + (f"{'peak MiB':>11}" if cuda else ""))
+    for row in results:
+        line = f"{row['name']:<34}{row['ms']:>10.3f}{row['ratio_to_base']:>9.2f}"
+        if cuda:
+            line += f"{row['peak_mib']:>11.0f}"
+        print(line)
+    report = {"device": device_name, "torch": torch.__version__, "dtype": str(dtype),
+              "shape": {"name": shape_name, **shape}, "threads": torch.get_num_threads(),
+              "warmup": warmup, "iters": iters, "repeats": repeats,
+              "command": " ".join([sys.executable, *sys.argv]), "rows": results}
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    assert all(math.isfinite(r["ms"]) for r in results)
+    return report
+
+
+if __name__ == "__main__":
+    main()

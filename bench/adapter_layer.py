@@ -169,12 +169,16 @@ def main(argv: list[str] | None = None) -> dict:
         module, handle = adapted(replace(local, selection=selection))
         rows.append((f"mole {selection} (fused)",
                      layer_step(module, lambda h=handle: h.routing(token_mask=token_mask))))
-    for name, cfg, stats in (("hdmole (fused, default)", base_cfg, True),
-                             ("hdmole (no stats/finite check)", replace(base_cfg, check_finite=False), False),
-                             ("hdmole lambda_balance+z", replace(base_cfg, lambda_balance=0.01,
-                                                                lambda_z=0.001), True)):
+    for name, cfg, stats, stack in (
+            ("hdmole (fused, default)", base_cfg, True, True),
+            ("hdmole (W0 product separate)", base_cfg, True, False),
+            ("hdmole (no stats/finite check)", replace(base_cfg, check_finite=False), False, True),
+            ("hdmole lambda_balance+z", replace(base_cfg, lambda_balance=0.01, lambda_z=0.001),
+             True, True)):
         module, handle = adapted(cfg)
         handle.statistics_enabled = stats
+        for layer in handle.layers.values():
+            layer.stack_base = stack
         rows.append((name, layer_step(module, lambda h=handle: h.routing(
             pooled_features, None, labels, token_mask))))
     module, handle = adapted(replace(base_cfg, global_router="oracle", combine="global",

@@ -173,7 +173,12 @@ def test_zero_init_is_the_base_layer(selection, global_router, combine):
     handle = inject(module, cfg, num_accents=A, accent_feature_dim=D_FEAT)
     x, feats, fmask, labels, tmask = batch()
     with handle.routing(feats, fmask, labels, tmask):
-        assert torch.equal(module(x), reference(x))
+        # stacked [W0; A; R] product: same sums, other blocking -> fp32 rounding only
+        assert torch.allclose(module(x), reference(x), rtol=1e-6, atol=1e-6)
+    for layer in handle.layers.values():
+        layer.stack_base = False
+    with handle.routing(feats, fmask, labels, tmask):
+        assert torch.equal(module(x), reference(x))  # B = 0: exactly the base layer
 
 
 # ----- selection properties --------------------------------------------------------------
@@ -427,3 +432,66 @@ def test_freezing_and_trainable_report():
     assert report.trainable == sum(p.numel() for p in handle.trainable_parameters().values())
     assert report.by_group["experts"] == A * 8 * (D_IN + D_HID + D_HID + D_OUT)
     assert "global_router" in report.table and "local_router" in report.table
+
+
+# ----- the stacked base+adapter product ----------------------------------------------------
+def test_stacked_linear_gradcheck():
+    from hdmole.adapters.layer import StackedLinear
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    w0 = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    b0 = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    down = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w0, b0, down):
+        y, h = StackedLinear.apply(x, w0, b0, down, torch.float64)
+        return y * 1.5, h.sin()
+    assert torch.autograd.gradcheck(f, (x, w0, b0, down))
+    assert torch.autograd.gradcheck(lambda x, d: f(x, w0.detach(), None, d)[1], (x, down))
+
+
+def test_stacked_and_separate_paths_agree_in_value_and_gradient():
+    results = []
+    for stack in (True, False):
+        module, handle = make("threshold", lambda_balance=0.01)
+        module.double()
+        for layer in handle.layers.values():
+            layer.stack_base = stack
+        x, feats, fmask, labels, tmask = batch()
+        x = x.double().requires_grad_(True)
+        with handle.routing(feats, fmask, labels, tmask):
+            y = module(x)
+        loss = (y ** 2).mean() + sum(handle.auxiliary_losses().values())
+        loss.backward()
+        results.append((y.detach(), x.grad, {n: p.grad for n, p in
+                                             handle.trainable_parameters().items()}))
+    (y1, gx1, g1), (y2, gx2, g2) = results
+    assert torch.allclose(y1, y2, atol=1e-12) and torch.allclose(gx1, gx2, atol=1e-12)
+    assert g1.keys() == g2.keys()
+    assert all(torch.allclose(g1[n], g2[n], atol=1e-12) for n in g1)
+
+
+def test_autocast_bf16_matches_fp32_loosely_and_keeps_fp32_grads():
+    module, handle = make("threshold")
+    x, feats, fmask, labels, tmask = batch()
+    with handle.routing(feats, fmask, labels, tmask):
+        want = module(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16), handle.routing(feats, fmask, labels, tmask):
+        got = module(x)
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), want, rtol=0.05, atol=0.05 * want.abs().max().item())
+    got.float().pow(2).mean().backward()
+    for name, p in handle.trainable_parameters().items():
+        assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32, name
+
+
+def test_mean_std_pooling_ignores_padded_frames():
+    _, handle = make("threshold", global_pooling="mean_std")
+    _, feats, fmask, labels, _ = batch()
+    feats2 = feats.clone()
+    feats2[~fmask] = 50.0
+    outs = []
+    for f in (feats, feats2):
+        with handle.routing(f, fmask, labels):
+            outs.append(handle.state.log_g)
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)

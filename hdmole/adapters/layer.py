@@ -3,8 +3,9 @@
     y = W0 x + b + (alpha / r) * sum_i w_i(x) * B_i A_i x
 
 Fused computation (no Python loop over experts):
-  1. one matrix product of x with the stacked rows [A_1; ...; A_E; R; t] in the input's
-     dtype, so x is read once: R = local router (E rows), t = per-token threshold (AdaMoLE);
+  1. one matrix product of x with the stacked rows [W0; A_1; ...; A_E; R; t] in the compute
+     dtype (autocast's or the input's), so x is read once: R = local router (E rows),
+     t = per-token threshold (AdaMoLE); the frozen W0 is only read, never modified;
   2. routing (combination with the global posterior, selection) in fp32 on the small logits;
   3. the rank activations (E*r) are scaled slice-wise by w_i * alpha/r and multiplied by the
      concatenated B = [B_1 ... B_E] in one addmm onto the base output.
@@ -22,6 +23,56 @@ from .config import AdapterConfig, ResolvedAdapter
 from .context import RoutingState
 from .routing import Combination, build_combination
 from .selection import Selection, build_selection
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype matrix products run in: autocast's when active, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class StackedLinear(torch.autograd.Function):
+    """(y, h) = (x W0^T + b, x D^T) as ONE matrix product with the stacked rows [W0; D]:
+    x is read once. Backward computes dx = [dy, dh] [W0; D] as one matrix product too,
+    instead of two products whose (N, d_in) results autograd would then add.
+    Runs in `dtype` (explicit casts; autocast is off inside)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w0: Tensor, b0: Tensor | None, down: Tensor,
+                dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        with torch.autocast(x.device.type, enabled=False):
+            stacked = torch.cat([w0.to(dtype), down.to(dtype)])
+            bias = None if b0 is None else torch.cat([b0.to(dtype), b0.new_zeros(down.shape[0], dtype=dtype)])
+            xc = x.to(dtype)
+            out = F.linear(xc, stacked, bias)
+        ctx.save_for_backward(xc, stacked)
+        ctx.shapes = (w0.shape[0], x.dtype, w0.dtype, down.dtype, b0 is not None)
+        d_out = w0.shape[0]
+        return out[..., :d_out], out[..., d_out:]
+
+    @staticmethod
+    def backward(ctx, dy: Tensor | None, dh: Tensor | None):
+        xc, stacked = ctx.saved_tensors
+        d_out, x_dtype, w0_dtype, down_dtype, has_bias = ctx.shapes
+        dtype = stacked.dtype
+        lead = xc.shape[:-1]
+        if dy is None:
+            dy = xc.new_zeros(*lead, d_out)
+        if dh is None:
+            dh = xc.new_zeros(*lead, stacked.shape[0] - d_out)
+        with torch.autocast(xc.device.type, enabled=False):
+            grads = torch.cat([dy.to(dtype), dh.to(dtype)], -1)
+            dx = grads @ stacked if ctx.needs_input_grad[0] else None
+            flat_x = xc.reshape(-1, xc.shape[-1])
+            d_down = dh.to(dtype).reshape(-1, dh.shape[-1]).t() @ flat_x
+            dw0 = db0 = None
+            if ctx.needs_input_grad[1]:
+                dw0 = (dy.to(dtype).reshape(-1, d_out).t() @ flat_x).to(w0_dtype)
+            if has_bias and ctx.needs_input_grad[2]:
+                db0 = dy.reshape(-1, d_out).sum(0).to(w0_dtype)
+        return (dx.to(x_dtype) if dx is not None else None, dw0, db0,
+                d_down.to(down_dtype), None)
 
 
 class MoLoRALinear(nn.Module):
@@ -89,9 +140,17 @@ class MoLoRALinear(nn.Module):
             rows.append(extra)
         return rows[0] if len(rows) == 1 else torch.cat(rows, 0)
 
+    # Stack W0 with the adapter rows in one product (StackedLinear). False: call the base
+    # layer and the adapter rows separately (the benchmark compares both).
+    stack_base = True
+
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base(x)
-        h = F.linear(x, self.down_weight().to(x.dtype))
+        if self.stack_base:
+            y, h = StackedLinear.apply(x, self.base.weight, self.base.bias, self.down_weight(),
+                                       compute_dtype(x))
+        else:
+            y = self.base(x)
+            h = F.linear(x, self.down_weight().to(compute_dtype(x)))
         total_rank = self.num_experts * self.rank
         a = self.dropout(h[..., :total_rank])
         if self.selection is None:  # plain LoRA

@@ -339,3 +339,21 @@ def test_static_stepper_matches_dynamic_stepper(model):
     batch = make_batch([150, 90], seed=13)
     assert (model.transcribe(batch, max_new_tokens=10, decode_backend="static")
             == model.transcribe(batch, max_new_tokens=10, decode_backend="dynamic"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decoding_equals_generic_decoding_on_gpu(tiny_dirs):
+    batch = make_batch([230, 96, 150, 57], seed=3)
+    m = LLMASR.from_config(make_config(tiny_dirs, dtype="float32"), device="cuda").eval()
+    fast = m.transcribe(batch, max_new_tokens=12, max_repeats=0, decode_backend="static")
+    assert fast == m.transcribe(batch, max_new_tokens=12, max_repeats=0, decode_backend="dynamic")
+    assert m.transcribe(batch, num_beams=3, max_new_tokens=8, decode_backend="static") == \
+        m.transcribe(batch, num_beams=3, max_new_tokens=8, decode_backend="dynamic")
+    half = LLMASR.from_config(make_config(tiny_dirs), device="cuda")
+    assert half.compute_dtype == torch.bfloat16 and half.llm.dtype == torch.bfloat16
+    assert half.projector.linear1.weight.dtype == torch.float32  # trainable parts stay fp32
+    assert set(half.transcribe(batch, max_new_tokens=8)) == set(batch.ids)
+    out = half.train()(batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and half.projector.linear1.weight.grad is not None

@@ -131,13 +131,15 @@ ACCENT_RULES: dict[str, AccentRules] = {
         tones={1: 2, 2: 4, 3: 1, 4: 3},
         tone_feature="T1 24->2, T2 42->4, T3 55->1, T4 31->3",
     ),
-    # Northeastern: r- read as y- (ren->yin), hypercorrect z/c/s -> zh/ch/sh; tones standard.
+    # Northeastern (Shenyang 33/24/213/53): r- read as y- (ren->yin), hypercorrect z/c/s -> zh/ch/sh, low T1.
     "Northeastern": AccentRules(
         rewrites=(
             Rewrite(r"^ren$", "yin", "r- read as y-"),
             Rewrite(r"^r", "y", "r- read as y-"),
             *_initial_map({"z": "zh", "c": "ch", "s": "sh"}, "z/c/s hypercorrected to zh/ch/sh"),
         ),
+        tones={1: 3},
+        tone_feature="T1 33 (low level) read as the low tone 3",
     ),
     # Lan-Yin (Lanzhou 31/53/442/13): -n codas backed to -ng, f->hu, tones permuted.
     "Lan-Yin": AccentRules(

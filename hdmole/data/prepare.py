@@ -346,7 +346,7 @@ def filter_cuts(cuts, cfg: DataConfig, split: str, report: PrepReport):
         elif split == "train" and cut.duration > cfg.max_duration:
             reason = "too_long_for_training"
         if reason:
-            detail = f"{cut.id} ({cut.duration:.2f} s): {sup.text!r}"
+            detail = f"{sup.id} ({cut.duration:.2f} s): {sup.text!r}"
             if reason == "unsupported_chars":
                 detail += f" has {''.join(unsupported_chars(text))!r}"
             report.drop(split, reason, detail)

@@ -92,7 +92,8 @@ def hsk_sentences() -> tuple[Sentence, ...]:
     out = []
     for record in hsk_sentences_audio.load_sentences():
         hanzi = "".join(_HANZI.findall(record["chinese"]))
-        syllables = record["pinyin_numbered"].lower().replace("u:", "v").split()
+        # Erhua 儿 is written "r5"; espeak-ng cannot read it (no erhua): say a neutral "er5".
+        syllables = ["er5" if s == "r5" else s for s in record["pinyin_numbered"].lower().replace("u:", "v").split()]
         if len(syllables) != len(hanzi) or not hanzi:
             continue  # not alignable: skipped (0 of 4,354 in version 1.0)
         words, pos = [], 0

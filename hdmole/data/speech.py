@@ -63,6 +63,24 @@ class Espeak:
             cls._instance = Espeak()
         return cls._instance
 
+    @classmethod
+    def fresh(cls, rand_seed: int) -> "Espeak":
+        """An engine in its initial state. espeak-ng keeps static synthesis state across
+        utterances and draws from libc's rand() (the same text twice gives different samples),
+        so the corpus generator reloads the library (~1 ms) and seeds rand() before each
+        utterance: every file then depends only on its own plan, whatever the number of workers
+        or the order of rendering (tests/test_data_pipeline.py checks byte identity)."""
+        import _ctypes
+
+        if cls._instance is not None:
+            cls._instance._lib.espeak_Terminate()
+            _ctypes.dlclose(cls._instance._lib._handle)
+            cls._instance = None
+        engine = cls.get()
+        engine._lib.espeak_ng_SetRandSeed(ctypes.c_long(rand_seed))  # espeak-ng's own generator
+        ctypes.CDLL(None).srand(ctypes.c_uint(rand_seed))  # and libc's, used by the klatt voices
+        return engine
+
     def synthesize(self, pinyin: str, voice: Voice) -> np.ndarray:
         """Numbered pinyin -> float32 mono audio at 16 kHz in [-1, 1]."""
         from scipy.signal import resample_poly

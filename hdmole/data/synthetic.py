@@ -221,7 +221,7 @@ def render(plan: UttPlan, root: str) -> tuple[str, int]:
     path = Path(root) / plan.rel_path
     if path.exists():  # written atomically by an earlier (interrupted) run of the same plan
         return plan.utt_id, sf.info(str(path)).frames
-    audio = Espeak.get().synthesize(plan.pinyin, plan.voice)
+    audio = Espeak.fresh(plan.noise_seed).synthesize(plan.pinyin, plan.voice)
     audio = apply_channel(audio, plan.channel, plan.snr_db, plan.gain_dbfs, plan.noise_seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

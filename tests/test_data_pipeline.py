@@ -1,0 +1,335 @@
+"""Synthetic corpus -> lhotse preparation -> cut sets -> Batch, on the `ci` corpus, plus every
+bad-input case of the preparation (each an error naming the file, or a counted skip)."""
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from hdmole.data.accents import ACCENTS, accent_id
+from hdmole.data.config import DataConfig
+from hdmole.data.dataset import FeatureCache, LogMelExtractor, collate, load_cuts, make_dataloader
+from hdmole.data.prepare import CorpusError, prepare_corpus
+from hdmole.data.synthetic import MANIFEST_NAME, generate, plan_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synthetic") / "corpus"
+    generate(out, "ci", seed=0, nj=2, progress=False)
+    return out
+
+
+def _cfg(tmp_path: Path, corpus: Path, **kw) -> DataConfig:
+    return DataConfig(corpus_dir=str(corpus), manifest_dir=str(tmp_path / "manifests"),
+                      cuts_dir=str(tmp_path / "cuts"), num_jobs=1, **kw)
+
+
+def _copy(corpus: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "corpus"
+    shutil.copytree(corpus, dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------- generator
+
+
+def test_layouts_and_labels(corpus):
+    kes = corpus / "KeSpeech/Tasks/ASR"
+    assert sorted(p.name for p in kes.iterdir()) == sorted(
+        ["train_phase1", "train_phase2", "dev_phase1", "dev_phase2", "test"])
+    labels = set()
+    for part in kes.iterdir():
+        ids = [[line.split()[0] for line in (part / n).read_text().splitlines()]
+               for n in ("wav.scp", "text", "utt2subdialect", "utt2spk")]
+        assert ids[0] and all(i == ids[0] for i in ids)
+        labels |= {line.split()[1] for line in (part / "utt2subdialect").read_text().splitlines()}
+        for line in (part / "wav.scp").read_text().splitlines():
+            rel = line.split()[1]
+            assert rel.startswith("Audio/") and sf.info(str(corpus / "KeSpeech" / rel)).samplerate == 16000
+    assert labels == set(ACCENTS)
+    transcript = (corpus / "aishell/data_aishell/transcript/aishell_transcript_v0.8.txt").read_text().splitlines()
+    wavs = list((corpus / "aishell/data_aishell/wav").rglob("*.wav"))
+    assert len(transcript) == len(wavs) == 86
+    assert "CC-BY-SA-4.0" in (corpus / "README.md").read_text() and "hsk-sentences-audio" in (corpus / "LICENCE.md").read_text()
+
+
+def test_splits_disjoint_in_text_and_speakers():
+    plan = plan_corpus("ci", seed=0)
+    by_split: dict[str, set] = {"train": set(), "dev": set(), "test": set()}
+    speakers: dict[str, set] = {"train": set(), "dev": set(), "test": set()}
+    for u in plan.utterances:
+        split = u.part.split("_")[0]
+        by_split[split].add(u.text)
+        speakers[split].add(u.speaker)
+    for a, b in (("train", "dev"), ("train", "test"), ("dev", "test")):
+        assert not by_split[a] & by_split[b] and not speakers[a] & speakers[b]
+
+
+def test_same_seed_byte_identical_any_nj(corpus, tmp_path):
+    again = tmp_path / "again"
+    generate(again, "ci", seed=0, nj=1, progress=False)
+    cmp = filecmp.dircmp(corpus, again)
+    files = [p.relative_to(corpus) for p in corpus.rglob("*") if p.is_file()]
+    assert len(files) > 200
+    for rel in files:
+        assert (corpus / rel).read_bytes() == (again / rel).read_bytes(), rel
+    assert not cmp.left_only and not cmp.right_only
+
+
+def test_other_seed_differs_and_refuses_to_mix(corpus, tmp_path):
+    assert plan_corpus("ci", 1).digest() != plan_corpus("ci", 0).digest()
+    out = _copy(corpus, tmp_path)
+    with pytest.raises(FileExistsError, match="another size/seed"):
+        generate(out, "ci", seed=1, nj=1, progress=False)
+
+
+def test_rerun_is_noop_and_resume_after_interruption(corpus, tmp_path):
+    out = _copy(corpus, tmp_path)
+    wav = next((out / "KeSpeech/Audio").rglob("*.wav"))
+    reference = wav.read_bytes()
+    stamp = wav.stat().st_mtime_ns
+    generate(out, "ci", seed=0, nj=1, progress=False)  # complete: nothing rewritten
+    assert wav.stat().st_mtime_ns == stamp
+    # Simulate an interruption: no manifest yet, one wav missing, a stray temp file.
+    (out / MANIFEST_NAME).unlink()
+    (out / ".synthetic_plan").write_text(plan_corpus("ci", 0).digest() + "\n")
+    wav.unlink()
+    generate(out, "ci", seed=0, nj=1, progress=False)
+    assert wav.read_bytes() == reference and (out / MANIFEST_NAME).exists()
+    assert not list(out.rglob("*.tmp"))
+
+
+# ---------------------------------------------------------------------------- preparation
+
+
+def test_prepare_both_corpora_keeps_accents(corpus, tmp_path):
+    cfg = _cfg(tmp_path, corpus)
+    reports = {c: prepare_corpus(c, cfg) for c in ("kespeech", "aishell")}
+    for corpus_name in ("kespeech", "aishell"):
+        for split in ("train", "dev", "test"):
+            cuts = load_cuts(cfg.cuts_path(corpus_name, split))
+            assert len(cuts) > 0
+            for cut in cuts:
+                assert cut.id == cut.supervisions[0].id  # results are keyed by utterance id
+                assert cut.supervisions[0].language in (*ACCENTS, "Chinese")
+    test = load_cuts(cfg.cuts_path("kespeech", "test"))
+    assert {c.supervisions[0].language for c in test} == set(ACCENTS)
+    # The label comes from utt2subdialect, for every utterance.
+    truth = dict(line.split() for line in (corpus / "KeSpeech/Tasks/ASR/test/utt2subdialect").read_text().splitlines())
+    assert {c.id: c.supervisions[0].language for c in test} == truth
+    stats = json.loads((tmp_path / "cuts/kespeech_stats.json").read_text())
+    assert sum(v["utterances"] for v in stats["kept"]["test"].values()) == len(truth)
+    assert (tmp_path / "cuts/kespeech_stats.md").read_text().count("|") > 20
+    assert reports["aishell"].dropped == {}
+
+
+def _break_kespeech(corpus: Path, part: str = "test") -> tuple[Path, list[str]]:
+    part_dir = corpus / "KeSpeech/Tasks/ASR" / part
+    return part_dir, (part_dir / "wav.scp").read_text().splitlines()
+
+
+def _wav_of(corpus: Path, line: str) -> Path:
+    return corpus / "KeSpeech" / line.split()[1]
+
+
+@pytest.mark.parametrize("damage, reason", [("missing", "missing_audio"), ("corrupt", "corrupt_audio"),
+                                            ("empty", "empty_audio")])
+def test_bad_audio_error_or_counted_skip(corpus, tmp_path, damage, reason):
+    out = _copy(corpus, tmp_path)
+    _, lines = _break_kespeech(out)
+    wav = _wav_of(out, lines[2])
+    if damage == "missing":
+        wav.unlink()
+    elif damage == "corrupt":
+        wav.write_bytes(b"RIFF\x00\x00garbage" * 10)
+    else:
+        sf.write(str(wav), np.zeros(0, dtype=np.float32), 16000, subtype="PCM_16")
+    with pytest.raises(CorpusError, match=rf"{reason.replace('_', ' ')}: .*{wav.name}.*wav.scp:3"):
+        prepare_corpus("kespeech", _cfg(tmp_path, out))
+    report = prepare_corpus("kespeech", _cfg(tmp_path, out, skip_bad=True))
+    assert report.dropped[("test", reason)] == 1
+    cuts = load_cuts(_cfg(tmp_path, out).cuts_path("kespeech", "test"))
+    assert lines[2].split()[0] not in {c.id for c in cuts} and len(cuts) == len(lines) - 1
+    stats = json.loads((tmp_path / "cuts/kespeech_stats.json").read_text())
+    assert {"split": "test", "reason": reason, "count": 1} in stats["dropped"]
+
+
+def test_wrong_sample_rate_is_resampled(corpus, tmp_path):
+    out = _copy(corpus, tmp_path)
+    _, lines = _break_kespeech(out)
+    wav = _wav_of(out, lines[0])
+    audio, sr = sf.read(str(wav))
+    from scipy.signal import resample_poly
+
+    sf.write(str(wav), resample_poly(audio, 441, 320), 22050, subtype="PCM_16")
+    cfg = _cfg(tmp_path, out)
+    report = prepare_corpus("kespeech", cfg)
+    assert report.resampled == 1
+    cut = next(c for c in load_cuts(cfg.cuts_path("kespeech", "test")) if c.id == lines[0].split()[0])
+    assert cut.sampling_rate == 16000 and abs(cut.duration - len(audio) / sr) < 0.01
+    samples = cut.load_audio()[0]
+    assert samples.shape[0] == cut.num_samples
+    assert np.corrcoef(samples[: len(audio)], audio[: len(samples)])[0, 1] > 0.9
+
+
+def test_text_and_duration_filters_are_counted(corpus, tmp_path):
+    out = _copy(corpus, tmp_path)
+    part_dir, lines = _break_kespeech(out)
+    text = (part_dir / "text").read_text().splitlines()
+    ids = [line.split()[0] for line in lines]
+    text[0] = f"{ids[0]} <SPOKEN_NOISE>，。"  # empty after normalisation
+    text[1] = f"{ids[1]} 你好ДА"  # unsupported characters
+    (part_dir / "text").write_text("\n".join(text) + "\n")
+    sf.write(str(_wav_of(out, lines[2])), np.zeros(16000 * 31, dtype=np.float32) + 0.01, 16000)  # 31 s
+    report = prepare_corpus("kespeech", _cfg(tmp_path, out))
+    for reason in ("empty_text", "unsupported_chars", "longer_than_encoder_max"):
+        assert report.dropped[("test", reason)] == 1, reason
+    kept = {c.id for c in load_cuts(_cfg(tmp_path, out).cuts_path("kespeech", "test"))}
+    assert kept == set(ids[3:])
+
+
+def test_misaligned_kaldi_files_name_file_and_line(corpus, tmp_path):
+    out = _copy(corpus, tmp_path)
+    part_dir = out / "KeSpeech/Tasks/ASR/dev_phase1"
+    rows = (part_dir / "utt2spk").read_text().splitlines()
+    rows[0], rows[1] = rows[1], rows[0]
+    (part_dir / "utt2spk").write_text("\n".join(rows) + "\n")
+    with pytest.raises(CorpusError, match=r"dev_phase1/utt2spk:1: utterance id"):
+        prepare_corpus("kespeech", _cfg(tmp_path, out))
+    rows[0], rows[1] = rows[1], rows[0]
+    (part_dir / "utt2spk").write_text("\n".join(rows[:-1]) + "\n")  # one line short
+    with pytest.raises(CorpusError, match=r"wav.scp:\d+: wav.scp has more lines than utt2spk"):
+        prepare_corpus("kespeech", _cfg(tmp_path, out))
+
+
+def test_missing_layout_file_shows_expected_tree(corpus, tmp_path):
+    out = _copy(corpus, tmp_path)
+    (out / "KeSpeech/Tasks/ASR/test/utt2subdialect").unlink()
+    with pytest.raises(CorpusError, match=r"(?s)missing file: .*test/utt2subdialect.*expected KeSpeech layout"):
+        prepare_corpus("kespeech", _cfg(tmp_path, out))
+    (out / "aishell/data_aishell/transcript/aishell_transcript_v0.8.txt").unlink()
+    with pytest.raises(CorpusError, match=r"(?s)aishell_transcript_v0.8.txt.*expected AISHELL-1 layout"):
+        prepare_corpus("aishell", _cfg(tmp_path, out))
+
+
+def test_aishell_missing_wav_and_untranscribed_wav(corpus, tmp_path):
+    out = _copy(corpus, tmp_path)
+    transcript = out / "aishell/data_aishell/transcript/aishell_transcript_v0.8.txt"
+    rows = transcript.read_text().splitlines()
+    first = rows[0].split()[0]
+    next((out / "aishell/data_aishell/wav").rglob(f"{first}.wav")).unlink()
+    with pytest.raises(CorpusError, match=r"missing audio: .*aishell_transcript_v0.8.txt:1"):
+        prepare_corpus("aishell", _cfg(tmp_path, out))
+    transcript.write_text("\n".join(rows[:-1]) + "\n")  # last wav loses its transcript
+    report = prepare_corpus("aishell", _cfg(tmp_path, out, skip_bad=True))
+    assert sum(n for (s, r), n in report.dropped.items() if r == "missing_audio") == 1
+    assert sum(n for (s, r), n in report.dropped.items() if r == "no_transcript") == 1
+    cfg = _cfg(tmp_path, out)
+    total = sum(len(load_cuts(cfg.cuts_path("aishell", s))) for s in ("train", "dev", "test"))
+    assert total == len(rows) - 2
+    for cut in load_cuts(cfg.cuts_path("aishell", "train")):  # real files, not the clean view's symlinks
+        assert not os.path.islink(cut.recording.sources[0].source)
+
+
+def test_empty_split_is_an_error(corpus, tmp_path):
+    out = _copy(corpus, tmp_path)
+    with pytest.raises(CorpusError, match="kespeech train: no utterance left"):
+        prepare_corpus("kespeech", _cfg(tmp_path, out, min_duration=19.0))
+
+
+# ---------------------------------------------------------------------------- features and loader
+
+
+def test_logmel_matches_whisper_30s_padding():
+    """Unpadded extraction equals the 30 s padded reference on the valid frames."""
+    from transformers import WhisperFeatureExtractor
+
+    rng = np.random.default_rng(0)
+    audio = (rng.standard_normal(16000 * 2 + 77) * 0.1).astype(np.float32)
+    ours = LogMelExtractor(80)(audio)
+    reference = WhisperFeatureExtractor(feature_size=80)(audio, sampling_rate=16000, return_tensors="np")
+    ref = reference["input_features"][0][:, : ours.shape[1]]
+    assert ours.shape == (80, len(audio) // 160)
+    np.testing.assert_allclose(ours[:, :-2], ref[:, :-2], atol=1e-4)  # last frames see the padding
+
+
+def test_collate_shapes_and_masks():
+    feats = [np.full((4, n), float(n), dtype=np.float32) for n in (5, 3, 7)]
+    batch = collate(["a", "b", "c"], feats, [0, 8, -1], ["x", "y", ""])
+    assert batch.features.shape == (3, 4, 7) and batch.feature_lens.tolist() == [5, 3, 7]
+    mask = batch.feature_mask
+    assert mask.sum(1).tolist() == [5, 3, 7]
+    assert (batch.features[1, :, 3:] == 0).all() and (batch.features[1, :, :3] == 3).all()
+    assert batch.accents.tolist() == [0, 8, -1]
+    with pytest.raises(ValueError, match="mel bins"):
+        collate(["a", "b"], [np.zeros((4, 2)), np.zeros((5, 2))], [0, 0], ["", ""])
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus, tmp_path_factory) -> DataConfig:
+    tmp = tmp_path_factory.mktemp("prepared")
+    cfg = _cfg(tmp, corpus)
+    prepare_corpus("kespeech", cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("sampler", ["simple", "bucketing"])
+def test_dataloader_yields_batches(prepared, sampler):
+    from dataclasses import replace
+
+    cfg = replace(prepared, sampler=sampler, batch_duration=15.0, num_buckets=2, num_workers=0)
+    cuts = load_cuts(cfg.cuts_path("kespeech", "test"))
+    labels = {c.id: accent_id(c.supervisions[0].language) for c in cuts}
+    texts = {c.id: c.supervisions[0].text for c in cuts}
+    seen = []
+    for batch in make_dataloader(cfg.cuts_path("kespeech", "test"), cfg, num_mel_bins=80, shuffle=False):
+        assert batch.features.shape[1] == 80 and batch.features.dtype.is_floating_point
+        assert int(batch.feature_lens.max()) == batch.features.shape[2]
+        assert sum(batch.feature_lens.tolist()) / 100 <= 15.0 + 0.5
+        assert batch.accents.tolist() == [labels[i] for i in batch.ids]
+        assert batch.texts == [texts[i] for i in batch.ids]
+        seen += batch.ids
+    assert sorted(seen) == sorted(labels)
+
+
+def test_dataloader_ranks_are_disjoint(prepared):
+    from dataclasses import replace
+
+    cfg = replace(prepared, sampler="simple", batch_duration=6.0, num_workers=0)
+    path = cfg.cuts_path("kespeech", "train")
+    shares = [[i for b in make_dataloader(path, cfg, 80, shuffle=True, rank=r, world_size=2) for i in b.ids]
+              for r in (0, 1)]
+    assert shares[0] and shares[1] and not set(shares[0]) & set(shares[1])
+    assert len(set(shares[0]) | set(shares[1])) <= len(load_cuts(path))
+
+
+def test_feature_cache_gives_the_same_features(prepared, tmp_path):
+    from dataclasses import replace
+
+    cfg = replace(prepared, sampler="simple", batch_duration=1000.0, num_workers=0)
+    path = cfg.cuts_path("kespeech", "dev")
+    plain = next(iter(make_dataloader(path, cfg, 80, shuffle=False)))
+    cached_cfg = replace(cfg, feature_cache_dir=str(tmp_path / "feats"))
+    first = next(iter(make_dataloader(path, cached_cfg, 80, shuffle=False)))
+    second = next(iter(make_dataloader(path, cached_cfg, 80, shuffle=False)))
+    assert len(list((tmp_path / "feats").rglob("*.npy"))) == len(plain)
+    assert first.ids == plain.ids and (first.features == second.features).all()
+    assert (first.features - plain.features).abs().max() < 5e-3  # float16 storage
+    cut = next(iter(load_cuts(path)))
+    assert FeatureCache(tmp_path / "feats", 80).path(cut) != FeatureCache(tmp_path / "feats", 128).path(cut)
+
+
+def test_config_is_strict():
+    with pytest.raises(KeyError, match="max_duraton"):
+        DataConfig.from_dict({"max_duraton": 3.0})
+    with pytest.raises(ValueError, match="sampler"):
+        DataConfig(sampler="random")
+    with pytest.raises(ValueError, match="min_duration"):
+        DataConfig(min_duration=25.0)

@@ -141,6 +141,7 @@ def test_asr_loss_equals_hf_causal_lm_loss(model):
     torch.testing.assert_close(out.asr_loss, ref, atol=1e-5, rtol=1e-5)
     assert out.num_answer_tokens == sum(len(t) + 1 for t in batch.texts)
     assert out.ctc_loss is None and out.aux_losses == {}
+    torch.testing.assert_close(model(batch, encoded=(enc, enc_lens)).loss, out.loss)  # cached encoder output
 
 
 def test_gradients_reach_only_trainable_parts(tiny_dirs):

@@ -167,11 +167,13 @@ class LLMASR(nn.Module):
         embeds[layout.speech_mask.to(self.device)] = speech[valid].to(embeds.dtype)
         return embeds
 
-    def forward(self, batch: Batch) -> ASROutput:
+    def forward(self, batch: Batch, encoded: tuple[torch.Tensor, torch.Tensor] | None = None) -> ASROutput:
+        """Losses for a batch. `encoded`: this batch's `encode(batch)` output computed earlier
+        (a frozen encoder's outputs can be cached across epochs)."""
         if not batch.texts:
             raise ValueError("training forward needs Batch.texts (reference transcripts)")
         with self._autocast():
-            enc, enc_lens = self.encode(batch)
+            enc, enc_lens = encoded if encoded is not None else self.encode(batch)
             out = ASROutput(loss=enc.new_zeros((), dtype=torch.float32))
             answers = [self.prompts.answer_ids(t) for t in batch.texts]
             if self.ctc_head is not None:

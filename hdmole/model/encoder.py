@@ -144,6 +144,7 @@ class SpeechEncoder(nn.Module):
             mask = mask.masked_fill(~key_valid, torch.finfo(h.dtype).min)[:, None, None, :]
         for layer in w.layers:
             h = layer(h, mask)
+            h = h[0] if isinstance(h, tuple) else h  # transformers < 5.2x returned a tuple
         h = w.layer_norm(h)
         if self.pad_to_30s and self.keep_padding:
             out_lens = torch.full_like(out_lens, t_out)

@@ -495,3 +495,27 @@ def test_mean_std_pooling_ignores_padded_frames():
         with handle.routing(f, fmask, labels):
             outs.append(handle.state.log_g)
     assert torch.allclose(outs[0], outs[1], atol=1e-6)
+
+
+def test_nan_outside_a_routing_block_raises_at_once():
+    module, handle = make("threshold", "none", "local")
+    with torch.no_grad():
+        module.linear1.router[1, 2] = float("inf")
+        module.linear1.router[1, 3] = -float("inf")
+    with pytest.raises(FloatingPointError, match="linear1"):
+        module(batch()[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_nan_check_is_deferred_to_the_next_block_and_names_the_layer():
+    module, handle = make("threshold")
+    module.cuda()
+    handle.cuda()
+    with torch.no_grad():
+        module.linear2.router[0, 0] = float("nan")
+    x, feats, fmask, labels, tmask = (t.cuda() for t in batch())
+    with handle.routing(feats, fmask, labels, tmask):
+        module(x)  # no stream sync here
+    with pytest.raises(FloatingPointError, match="linear2"):
+        handle.check_finite()

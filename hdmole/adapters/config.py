@@ -87,8 +87,9 @@ class AdapterConfig:
     # Router z-loss (mean squared log-sum-exp of local logits), mean over layer calls.
     lambda_z: float = 0.0
 
-    # Raise when router logits are not finite, naming the layer. Checked once per routing
-    # block when it closes (one device sync per batch), immediately outside a block.
+    # Raise when router logits are not finite, naming the layer. Checked when a routing
+    # block closes (CPU) or, on CUDA, without a stream sync at the next block's start or at
+    # handle.check_finite(); immediately for layers called outside a block.
     check_finite: bool = True
 
     def __post_init__(self) -> None:

@@ -20,6 +20,7 @@ class RoutingState:
         self.statistics_enabled = True
         self.layer_statistics: dict[str, LayerStatistics] = {}
         self.inside = False
+        self.pending_flags: tuple[list[str], Tensor, torch.cuda.Event] | None = None
         self.clear()
 
     def clear(self) -> None:
@@ -32,22 +33,45 @@ class RoutingState:
         self.finite_flags: list[tuple[str, Tensor]] = []
 
     def watch_finite(self, where: str, values: Tensor) -> None:
-        """Inside a block: remember a device-side flag, checked once at the block's end
-        (one host sync per batch instead of one per layer). Outside: check now."""
+        """Inside a block: keep a device-side flag, checked when the block closes. Outside a
+        block: check now."""
         flag = torch.isfinite(values).all()
         if self.inside:
             self.finite_flags.append((where, flag))
         elif not bool(flag):
             raise FloatingPointError(f"non-finite router logits in {where}")
 
-    def raise_if_nonfinite(self) -> None:
+    def close_block(self) -> None:
+        """Check the block's flags without stalling a CUDA stream: on CUDA the flags are
+        copied to pinned host memory asynchronously and checked by `check_pending` (at the
+        next block's start, or on demand); elsewhere they are checked now."""
         if not self.finite_flags:
             return
-        flags = torch.stack([flag for _, flag in self.finite_flags]).tolist()
-        bad = sorted({where for (where, _), ok in zip(self.finite_flags, flags) if not ok})
+        names = [where for where, _ in self.finite_flags]
+        flags = torch.stack([flag for _, flag in self.finite_flags])
         self.finite_flags = []
+        if flags.is_cuda:
+            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending_flags = (names, host, event)
+        else:
+            self._raise_for(names, flags.tolist(), "")
+
+    def check_pending(self) -> None:
+        if self.pending_flags is None:
+            return
+        names, host, event = self.pending_flags
+        self.pending_flags = None
+        event.synchronize()
+        self._raise_for(names, host.tolist(), " (found after the routing block that produced it)")
+
+    @staticmethod
+    def _raise_for(names: list[str], ok: list[bool], note: str) -> None:
+        bad = sorted({where for where, good in zip(names, ok) if not good})
         if bad:
-            raise FloatingPointError(f"non-finite router logits in {', '.join(bad)}")
+            raise FloatingPointError(f"non-finite router logits in {', '.join(bad)}{note}")
 
     def add_layer(self, name: str) -> None:
         self.layer_statistics[name] = LayerStatistics(self.num_experts, self.num_accents)

@@ -125,6 +125,7 @@ class AdapterHandle(nn.Module):
             return
         if state.inside:
             raise RuntimeError("handle.routing(...) blocks cannot be nested")
+        state.check_pending()
         state.clear()
         batch = {n: t.shape[0] for n, t in (("accent_features", accent_features),
                                             ("accent_labels", accent_labels),
@@ -151,7 +152,7 @@ class AdapterHandle(nn.Module):
         finally:
             state.inside = False
             state.log_g = state.labels = state.token_mask = None  # keep losses until next block
-        state.raise_if_nonfinite()  # only on a normal exit: never mask the block's own error
+        state.close_block()  # only on a normal exit: never mask the block's own error
 
     def auxiliary_losses(self) -> dict[str, Tensor]:
         """Weighted auxiliary losses of the last routing block; only enabled, present ones."""
@@ -192,8 +193,15 @@ class AdapterHandle(nn.Module):
                 stats.reset()
         self.global_statistics.reset()
 
+    def check_finite(self) -> None:
+        """Raise now if the last routing block saw non-finite router logits (on CUDA that
+        check is otherwise deferred to the next block, to avoid a stream sync)."""
+        if self.state is not None:
+            self.state.check_pending()
+
     def statistics_summary(self) -> dict:
         """JSON-serialisable routing statistics accumulated since the last reset."""
+        self.check_finite()
         layers = {}
         if self.state is not None:
             for name, stats in self.state.layer_statistics.items():

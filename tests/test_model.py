@@ -358,3 +358,45 @@ def test_cuda_graph_decoding_equals_generic_decoding_on_gpu(tiny_dirs):
     out = half.train()(batch)
     out.loss.backward()
     assert torch.isfinite(out.loss) and half.projector.linear1.weight.grad is not None
+
+
+# ---- encoder pre-training helpers (tiny base model, issue 6) -------------------------------
+def test_pinyin_ctc_units_roundtrip_and_head(tiny_dirs):
+    from hdmole.model.ctc_units import PinyinUnits
+
+    units = PinyinUnits()
+    assert 60 <= units.size <= 70 and units.units[units.blank] == "<blank>"
+    ids = units.encode("我们去学校吧。OK")
+    assert units.decode(ids) == "uo3 men5 qv4 xve2 xiao4 ba5"  # phonetic spelling, punctuation skipped
+    assert [units.units[i] for i in ids[:3]] == ["uo", "3", "m"]  # zero initial: no initial unit
+    m = LLMASR.from_config(make_config(tiny_dirs, ctc_weight=1.0, asr_weight=0.0, ctc_units="pinyin",
+                                       freeze_encoder=False), "cpu").train()
+    assert m.ctc_head.out_features == units.size
+    batch = make_batch([120, 90])
+    out = m(batch)
+    assert torch.isfinite(out.ctc_loss) and out.ctc_loss > 0
+    hyps = m.ctc_transcribe(batch)
+    assert all(h == "" or h.split()[0][-1].isdigit() for h in hyps.values())
+    assert m.ctc_reference("你好") == "ni3 hao3"
+    with pytest.raises(ValueError, match="ctc_units"):
+        LLMASR.from_config(make_config(tiny_dirs, ctc_units="phones"), "cpu")
+
+
+def test_spec_augment_masks_valid_frames_only_and_only_in_training(tiny_dirs):
+    from hdmole.model.specaug import spec_augment
+
+    cfg = make_config(tiny_dirs, specaug_freq_masks=2, specaug_freq_width=10, specaug_time_masks=2, specaug_time_width=30)
+    batch = make_batch([200, 120])
+    feats = batch.features.clone()
+    out = spec_augment(feats, batch.feature_lens, cfg, torch.Generator().manual_seed(0))
+    assert torch.equal(feats, batch.features)  # not in place
+    changed = out != feats
+    assert changed.any()
+    assert not changed[1, :, 120:].any()  # padding untouched
+    for i, n in enumerate((200, 120)):
+        mean = feats[i, :, :n].mean()
+        torch.testing.assert_close(out[i][changed[i]], mean.expand(int(changed[i].sum())))
+        time_masked = changed[i].all(dim=0).sum()
+        assert time_masked <= 2 * int(0.2 * n)
+    m = LLMASR.from_config(cfg, "cpu").eval()
+    assert torch.equal(m.encode(batch)[0], m.encode(batch)[0])  # no augmentation at inference

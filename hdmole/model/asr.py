@@ -20,10 +20,12 @@ from torch import nn
 
 from hdmole.batch import Batch
 from hdmole.model.config import ModelConfig
+from hdmole.model.ctc_units import make_ctc_units
 from hdmole.model.decoding import StoppingRules, beam_search, greedy_search, make_stepper
 from hdmole.model.encoder import SpeechEncoder, load_whisper_encoder
 from hdmole.model.llm import IGNORE_INDEX, PromptBuilder, load_llm, load_tokenizer
 from hdmole.model.projector import FrameConcatProjector
+from hdmole.model.specaug import spec_augment
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +72,9 @@ class LLMASR(nn.Module):
         llm_dim = llm.config.get_text_config().hidden_size
         hidden = cfg.projector_hidden or llm_dim
         self.projector = FrameConcatProjector(encoder.dim, llm_dim, cfg.projector_downsample, hidden)
-        # Char CTC with the tiny char tokenizer; blank = the pad token, which no transcript contains.
         vocab = llm.get_output_embeddings().weight.shape[0]
-        self.ctc_head = nn.Linear(encoder.dim, vocab) if cfg.ctc_weight > 0 else None
+        self.ctc_units = make_ctc_units(cfg.ctc_units, prompts.tokenizer, vocab, prompts.pad_id)
+        self.ctc_head = nn.Linear(encoder.dim, self.ctc_units.size) if cfg.ctc_weight > 0 else None
         self.adapter: nn.Module | None = None
         self.adapter_cfg: Any = None
         self.num_accents = 0
@@ -140,6 +142,8 @@ class LLMASR(nn.Module):
     def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         features = batch.features.to(self.device)
         lens = batch.feature_lens.to(self.device)
+        if self.training:
+            features = spec_augment(features, lens, self.cfg)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_encoder):
             return self.encoder(features, lens)
 
@@ -177,7 +181,7 @@ class LLMASR(nn.Module):
             out = ASROutput(loss=enc.new_zeros((), dtype=torch.float32))
             answers = [self.prompts.answer_ids(t) for t in batch.texts]
             if self.ctc_head is not None:
-                out.ctc_loss = self._ctc_loss(enc, enc_lens, [a[:-1] for a in answers])
+                out.ctc_loss = self._ctc_loss(enc, enc_lens, [self.ctc_units.encode(t) for t in batch.texts])
                 out.loss = out.loss + self.cfg.ctc_weight * out.ctc_loss
             if self.cfg.asr_weight > 0:
                 speech, n_speech = self.project(enc, enc_lens, batch)
@@ -203,7 +207,7 @@ class LLMASR(nn.Module):
         logp = torch.log_softmax(self.ctc_head(enc).float(), dim=-1).transpose(0, 1)
         flat = torch.tensor([t for row in targets for t in row], dtype=torch.long, device=enc.device)
         target_lens = torch.tensor([len(row) for row in targets], dtype=torch.long, device=enc.device)
-        loss = nn.functional.ctc_loss(logp, flat, enc_lens, target_lens, blank=self.prompts.pad_id,
+        loss = nn.functional.ctc_loss(logp, flat, enc_lens, target_lens, blank=self.ctc_units.blank,
                                       reduction="sum", zero_infinity=True)
         return loss / target_lens.sum().clamp(min=1)
 
@@ -249,9 +253,14 @@ class LLMASR(nn.Module):
             self.train(was_training)
         return {utt: self.prompts.decode(row) for utt, row in zip(batch.ids, rows)}
 
+    def ctc_reference(self, text: str) -> str:
+        """`text` in the form ctc_transcribe returns (itself, or numbered pinyin syllables)."""
+        return self.ctc_units.reference(text)
+
     @torch.no_grad()
     def ctc_transcribe(self, batch: Batch) -> dict[str, str]:
-        """Greedy CTC decoding of the encoder head (monitoring encoder pre-training)."""
+        """Greedy CTC decoding of the encoder head (monitoring encoder pre-training); compare
+        with `ctc_reference(text)`."""
         if self.ctc_head is None:
             raise ValueError("ctc_transcribe needs model.ctc_weight > 0 (no CTC head)")
         with self._autocast():
@@ -259,8 +268,9 @@ class LLMASR(nn.Module):
             best = self.ctc_head(enc).argmax(-1).tolist()
         hyps = {}
         for utt, row, n in zip(batch.ids, best, enc_lens.tolist()):
-            tokens = [t for i, t in enumerate(row[:n]) if t != self.prompts.pad_id and (i == 0 or t != row[i - 1])]
-            hyps[utt] = self.prompts.decode(tokens)
+            blank = self.ctc_units.blank
+            tokens = [t for i, t in enumerate(row[:n]) if t != blank and (i == 0 or t != row[i - 1])]
+            hyps[utt] = self.ctc_units.decode(tokens)
         return hyps
 
     # ---- trainable-only checkpoints -----------------------------------------------------

@@ -46,6 +46,16 @@ class ModelConfig:
     # (encoder pre-training stage).
     asr_weight: float = 1.0
     ctc_weight: float = 0.0
+    # CTC output units (hdmole.model.ctc_units): "tokens" (the LLM vocabulary; char CTC with the
+    # tiny tokenizer) or "pinyin" (initials/finals/tones, ~60 units: learns far faster).
+    ctc_units: str = "tokens"
+
+    # SpecAugment on the input log-mel while training (0 masks = off): masks of up to `width`
+    # mel bins / frames, filled with the utterance mean; a time mask covers at most 20% of it.
+    specaug_freq_masks: int = 0
+    specaug_freq_width: int = 15
+    specaug_time_masks: int = 0
+    specaug_time_width: int = 40
 
     # "auto": bfloat16 on CUDA, float32 on CPU. Frozen parts are stored in this dtype, trainable
     # parts stay float32 and run under autocast.

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from torch import nn
 
 from hdmole.adapters import AdapterConfig, inject
-from hdmole.adapters.config import ResolvedAdapter
 from hdmole.adapters.selection import SELECTION_REGISTRY
 
 A = 4  # accents (= experts for hierarchical modes)
@@ -432,6 +431,9 @@ def test_freezing_and_trainable_report():
     assert report.trainable == sum(p.numel() for p in handle.trainable_parameters().values())
     assert report.by_group["experts"] == A * 8 * (D_IN + D_HID + D_HID + D_OUT)
     assert "global_router" in report.table and "local_router" in report.table
+    assert handle.effective_loss_weights() == {"accent_ce": 0.1, "load_balance": 0.0, "router_z": 0.0}
+    _, local = make("threshold", "none", "local", lambda_accent=0.1)
+    assert local.effective_loss_weights()["accent_ce"] == 0.0  # no learned global router
 
 
 # ----- the stacked base+adapter product ----------------------------------------------------

@@ -521,3 +521,26 @@ def test_cuda_nan_check_is_deferred_to_the_next_block_and_names_the_layer():
         module(x)  # no stream sync here
     with pytest.raises(FloatingPointError, match="linear2"):
         handle.check_finite()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("selection,global_router,combine", ROUTINGS)
+def test_cuda_bf16_autocast_matches_cpu_fp32(selection, global_router, combine):
+    module, handle = make(selection, global_router, combine)
+    x, feats, fmask, labels, tmask = batch()
+    with torch.no_grad(), handle.routing(feats, fmask, labels, tmask):
+        want = module(x)
+    module.cuda()
+    handle.cuda()
+    on_gpu = [t.cuda() for t in (x, feats, fmask, labels, tmask)]
+    with torch.autocast("cuda", dtype=torch.bfloat16), handle.routing(*on_gpu[1:]):
+        got = module(on_gpu[0])
+    got.float().pow(2).mean().backward()
+    handle.check_finite()
+    assert got.dtype == torch.bfloat16
+    scale = want.abs().max().item()
+    # bf16 products; sparse selections may flip near-tied experts, hence a loose bound
+    assert (got.float().cpu() - want).abs().mean().item() < 0.02 * scale
+    for name, p in handle.trainable_parameters().items():
+        assert p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all(), name

@@ -72,10 +72,15 @@ class StaticLMStepper(LMStepper):
 
     SUPPORTED = ("qwen2",)
 
+    @classmethod
+    def supports(cls, llm: PreTrainedModel) -> bool:
+        return llm.config.model_type in cls.SUPPORTED and not getattr(llm.config, "use_sliding_window", False)
+
     def __init__(self, llm: PreTrainedModel, max_new_tokens: int, cuda_graph: bool = True) -> None:
         super().__init__(llm)
-        if llm.config.model_type not in self.SUPPORTED:
-            raise ValueError(f"StaticLMStepper supports {self.SUPPORTED}, not {llm.config.model_type!r}")
+        if not self.supports(llm):
+            raise ValueError(f"StaticLMStepper supports {self.SUPPORTED} without sliding-window attention, "
+                             f"not {llm.config.model_type!r}")
         self.max_new_tokens = max_new_tokens
         self.cuda_graph = cuda_graph
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -176,7 +181,7 @@ def make_stepper(llm: PreTrainedModel, backend: str, max_new_tokens: int) -> LMS
     """backend: "dynamic" (any causal LM), "static" (Qwen2 fast path, CUDA graph on GPU),
     "auto" (static when supported)."""
     if backend == "auto":
-        backend = "static" if llm.config.model_type in StaticLMStepper.SUPPORTED else "dynamic"
+        backend = "static" if StaticLMStepper.supports(llm) else "dynamic"
     if backend == "static":
         return StaticLMStepper(llm, max_new_tokens)
     if backend == "dynamic":

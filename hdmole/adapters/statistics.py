@@ -57,7 +57,7 @@ class LayerStatistics:
             index = torch.where(token_accents >= 0, token_accents, a)
             accent_one_hot = (index.unsqueeze(-1) == rows).double()
         sums = (accent_one_hot * valid.double().unsqueeze(-1)).t() @ features
-        self._sums = sums if self._sums is None else self._sums + sums
+        self._sums = sums if self._sums is None else self._sums.to(sums.device) + sums
 
     def summary(self, current_tau: float | None) -> dict:
         e, a = self.num_experts, self.num_accents
@@ -103,12 +103,14 @@ class GlobalRouterStatistics:
         truth = (labels.unsqueeze(-1) == classes).double()  # unknown (-1): all-zero row
         guess = (log_g.argmax(-1, keepdim=True) == classes).double()
         counts = truth.t() @ guess
-        self._confusion = counts if self._confusion is None else self._confusion + counts
+        self._confusion = (counts if self._confusion is None
+                           else self._confusion.to(counts.device) + counts)
 
     def summary(self) -> dict:
         if self._confusion is None:
             return {"utterances": 0, "accuracy": None, "confusion": None}
-        total = float(self._confusion.sum())
-        correct = float(self._confusion.diagonal().sum())
+        confusion = self._confusion.cpu()
+        total = float(confusion.sum())
+        correct = float(confusion.diagonal().sum())
         return {"utterances": total, "accuracy": correct / total if total else None,
-                "confusion": self._confusion.long().tolist()}
+                "confusion": confusion.long().tolist()}

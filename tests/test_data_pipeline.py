@@ -333,3 +333,39 @@ def test_config_is_strict():
         DataConfig(sampler="random")
     with pytest.raises(ValueError, match="min_duration"):
         DataConfig(min_duration=25.0)
+
+
+def test_speed_perturbation_keeps_labels(corpus, tmp_path):
+    cfg = _cfg(tmp_path, corpus, speed_perturb=True, speed_factors=[0.9, 1.1])
+    prepare_corpus("kespeech", cfg)
+    cuts = list(load_cuts(cfg.cuts_path("kespeech", "train")))
+    base = {c.id: c for c in cuts if "_sp" not in c.id}
+    assert len(cuts) == 3 * len(base)
+    for cut in cuts:
+        original = base[cut.id.split("_sp")[0]]
+        assert cut.supervisions[0].language == original.supervisions[0].language
+        assert cut.supervisions[0].text == original.supervisions[0].text
+    slow = next(c for c in cuts if c.id.endswith("_sp0.9"))
+    assert abs(slow.duration - base[slow.id.split("_sp")[0]].duration / 0.9) < 0.01
+    assert len(load_cuts(cfg.cuts_path("kespeech", "test"))) == 36  # dev/test not perturbed
+
+
+def test_check_only_cli_and_yaml_configs(corpus, tmp_path):
+    from hdmole.data.prepare import main
+
+    main(["--check-only", "--corpus", "all", "--set", f"corpus_dir={corpus}"])
+    (corpus_copy := _copy(corpus, tmp_path))
+    (corpus_copy / "KeSpeech/Tasks/ASR/test/text").write_text("broken\n")
+    with pytest.raises(CorpusError, match=r"test/text:1: utterance id 'broken'"):
+        main(["--check-only", "--corpus", "kespeech", "--set", f"corpus_dir={corpus_copy}"])
+    root = Path(__file__).resolve().parent.parent / "conf/data"
+    for name in ("synthetic.yaml", "synthetic_ci.yaml", "real.yaml"):
+        import yaml
+
+        values = {k: v for k, v in yaml.safe_load((root / name).read_text()).items() if k != "defaults"}
+        merged = {**yaml.safe_load((root / "synthetic.yaml").read_text()), **values}
+        if name == "real.yaml":
+            with pytest.raises(ValueError, match="kespeech_dir"):
+                DataConfig.from_dict(merged)
+            merged.update(kespeech_dir="/K", aishell_dir="/A")
+        DataConfig.from_dict(merged, source=name)

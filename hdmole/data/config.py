@@ -54,6 +54,9 @@ class DataConfig:
     feature_cache_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if not self.synthetic and not (self.kespeech_dir and self.aishell_dir):
+            raise ValueError("data.synthetic=false needs data.kespeech_dir and data.aishell_dir (the real "
+                             f"corpus roots, see db.sh); got {self.kespeech_dir!r}, {self.aishell_dir!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"data.sampler={self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if self.synthetic_size not in SYNTHETIC_SIZES:

@@ -38,7 +38,8 @@ class LogMelExtractor:
 
 
 class FeatureCache:
-    """Log-mel per cut on disk (float16 .npy), keyed by cut id, audio source, span and mel bins.
+    """Log-mel per cut on disk (float16 .npy), keyed by cut id, audio file (path, size, mtime),
+    span and mel bins.
 
     The recipe trains many models on the same cuts; extraction costs ~20 ms per 3 s utterance.
     Writes are atomic (several DataLoader workers may fill the cache at once).
@@ -49,7 +50,10 @@ class FeatureCache:
 
     def path(self, cut) -> Path:
         source = cut.recording.sources[0].source if cut.has_recording else ""
-        key = f"{cut.id}|{source}|{cut.start:.4f}|{cut.duration:.4f}|{cut.sampling_rate}"
+        # The file's size and mtime: a regenerated corpus at the same paths gets new entries.
+        st = os.stat(source) if source and os.path.isfile(source) else None
+        stamp = f"{st.st_size}:{st.st_mtime_ns}" if st else ""
+        key = f"{cut.id}|{source}|{stamp}|{cut.start:.4f}|{cut.duration:.4f}|{cut.sampling_rate}"
         digest = hashlib.sha1(key.encode("utf-8")).hexdigest()
         return self.directory / digest[:2] / f"{digest}.npy"
 

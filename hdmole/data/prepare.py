@@ -8,7 +8,8 @@
     -> normalise text (hdmole.data.text), filter, keep supervision.language (the accent)
     -> data/cuts/<corpus>_<split>.jsonl.gz + <corpus>_stats.{json,md}; an empty split is an error.
 
-CLI (run.sh stage 1):  python -m hdmole.data.prepare --corpus all [--config conf/data/x.yaml] [--skip-bad]
+CLI (run.sh stage 1):  python -m hdmole.data.prepare --corpus all [--config conf/data/x.yaml]
+                                          [--set key=value ...] [--check-only]
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,12 +205,121 @@ def check_audio(items: Iterable[AudioItem], skip_bad: bool, report: PrepReport, 
 # Per-corpus preparation: checks + a clean view for lhotse where items must be skipped.
 
 
-def _fingerprint(paths: Iterable[Path], extra: str) -> str:
-    digest = hashlib.sha256(extra.encode())
-    for path in paths:
-        digest.update(str(path).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+@dataclass
+class Checked:
+    """Result of a corpus check: what lhotse must not see, what needs resampling."""
+
+    root: Path
+    items: list[AudioItem]
+    bad: set[str]
+    resample: set[str]
+    extra: dict = field(default_factory=dict)  # corpus-specific details for the clean view
+
+    def fingerprint(self, files: Iterable[Path]) -> str:
+        """Changes whenever a listing file, an audio file (size, mtime) or the bad set changes."""
+        digest = hashlib.sha256(f"{self.root.resolve()}|{sorted(self.bad)}".encode())
+        for path in files:
+            digest.update(str(path).encode() + path.read_bytes())
+        for item in self.items:
+            st = item.path.stat() if item.path.is_file() else None
+            digest.update(f"{item.utt_id}|{item.path}|{st and (st.st_size, st.st_mtime_ns)}".encode())
+        return digest.hexdigest()
+
+
+def check_kespeech(cfg: DataConfig, report: PrepReport) -> Checked:
+    """Layout, line alignment of the Kaldi files, every wav."""
+    root = cfg.kespeech_root
+    check_kespeech_layout(root)
+    rows_by_part = {part: check_kaldi_alignment(root / "Tasks/ASR" / part) for part in KESPEECH_PARTS}
+    split_of_part = {p: s for s, parts in SPLITS["kespeech"].items() for p in parts}
+    utt_split = {utt: split_of_part[part] for part, rows in rows_by_part.items() for _, utt, _ in rows}
+    items = [AudioItem(utt, root / rel, f"{root / 'Tasks/ASR' / part / 'wav.scp'}:{n}")
+             for part, rows in rows_by_part.items() for n, utt, rel in rows]
+    bad, resample = check_audio(items, cfg.skip_bad, report, utt_split.__getitem__, cfg.num_jobs)
+    return Checked(root, items, bad, resample)
+
+
+def check_aishell(cfg: DataConfig, report: PrepReport) -> Checked:
+    """Layout, transcript lines against wav files (both directions), every wav."""
+    root = cfg.aishell_root
+    check_aishell_layout(root)
+    transcript = root / "data_aishell/transcript/aishell_transcript_v0.8.txt"
+    rows = _kaldi_lines(transcript)
+    listed = {utt for _, utt, _ in rows}
+    wav_root = root / "data_aishell/wav"
+    wavs = {p.stem: p for split in ("train", "dev", "test") for p in sorted((wav_root / split).rglob("*.wav"))}
+    split_of = {utt: p.relative_to(wav_root).parts[0] for utt, p in wavs.items()}
+    # lhotse silently skips wavs without transcript and transcript lines without wav: count both.
+    for utt in sorted(set(wavs) - listed):
+        report.drop(split_of[utt], "no_transcript", f"{wavs[utt]} has no line in {transcript}")
+    items = [AudioItem(utt, wavs.get(utt, wav_root / "<split>/<SPK>" / f"{utt}.wav"), f"{transcript}:{n}")
+             for n, utt, _ in rows]
+    bad, resample = check_audio(items, cfg.skip_bad, report, lambda u: split_of.get(u, "unknown"), cfg.num_jobs)
+    return Checked(root, items, bad, resample, {"transcript": transcript, "rows": rows, "wavs": wavs})
+
+
+def _kespeech_clean_view(cfg: DataConfig, checked: Checked) -> Path:
+    """Copy of the Kaldi files without the bad utterances (absolute wav paths)."""
+    view = Path(cfg.manifest_dir).resolve() / "kespeech_clean"
+    shutil.rmtree(view, ignore_errors=True)
+    for part in KESPEECH_PARTS:
+        out_dir = view / "Tasks/ASR" / part
+        out_dir.mkdir(parents=True)
+        for name in KESPEECH_KALDI_FILES:
+            rows = _kaldi_lines(checked.root / "Tasks/ASR" / part / name)
+            (out_dir / name).write_text("".join(
+                f"{utt} {(checked.root / value).absolute() if name == 'wav.scp' else value}\n"
+                for _, utt, value in rows if utt not in checked.bad), encoding="utf-8")
+    return view
+
+
+def _aishell_clean_view(cfg: DataConfig, checked: Checked) -> Path:
+    """Transcript without the bad utterances + symlinks to the good wavs (resolved back later)."""
+    view = Path(cfg.manifest_dir).resolve() / "aishell_clean"
+    shutil.rmtree(view, ignore_errors=True)
+    transcript = checked.extra["transcript"]
+    (view / "data_aishell/transcript").mkdir(parents=True)
+    (view / "data_aishell/transcript" / transcript.name).write_text(
+        "".join(f"{u} {t}\n" for _, u, t in checked.extra["rows"] if u not in checked.bad), encoding="utf-8")
+    wav_root = checked.root / "data_aishell/wav"
+    for utt, path in checked.extra["wavs"].items():
+        if utt not in checked.bad:
+            link = view / "data_aishell/wav" / path.relative_to(wav_root)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(path.resolve())
+    return view
+
+
+def _run_prepare_kespeech(corpus_dir: Path, cfg: DataConfig) -> dict:
+    from lhotse.recipes import prepare_kespeech
+
+    return prepare_kespeech(corpus_dir, cfg.manifest_dir, dataset_parts=KESPEECH_PARTS, num_jobs=cfg.num_jobs)
+
+
+def _run_prepare_aishell(corpus_dir: Path, cfg: DataConfig) -> dict:
+    from lhotse.recipes import prepare_aishell
+
+    return prepare_aishell(corpus_dir, cfg.manifest_dir)
+
+
+@dataclass(frozen=True)
+class CorpusRecipe:
+    """How one corpus is checked and handed to its lhotse recipe."""
+
+    check: Callable[[DataConfig, PrepReport], Checked]
+    clean_view: Callable[[DataConfig, Checked], Path]
+    run_lhotse: Callable[[Path, DataConfig], dict]
+    manifest_prefix: str
+    listing_files: Callable[[Path], list[Path]]
+
+
+CORPORA: dict[str, CorpusRecipe] = {
+    "kespeech": CorpusRecipe(check_kespeech, _kespeech_clean_view, _run_prepare_kespeech, "kespeech-asr",
+                             lambda root: [root / "Tasks/ASR" / p / n for p in KESPEECH_PARTS
+                                           for n in KESPEECH_KALDI_FILES]),
+    "aishell": CorpusRecipe(check_aishell, _aishell_clean_view, _run_prepare_aishell, "aishell",
+                            lambda root: [root / "data_aishell/transcript/aishell_transcript_v0.8.txt"]),
+}
 
 
 def _fresh_manifests(manifest_dir: Path, prefix: str, fingerprint: str) -> None:
@@ -222,77 +333,12 @@ def _fresh_manifests(manifest_dir: Path, prefix: str, fingerprint: str) -> None:
     marker.write_text(fingerprint + "\n")
 
 
-def _kespeech_manifests(cfg: DataConfig, report: PrepReport) -> tuple[dict, set[str]]:
-    from lhotse.recipes import prepare_kespeech
-
-    root = cfg.kespeech_root
-    check_kespeech_layout(root)
-    rows_by_part = {part: check_kaldi_alignment(root / "Tasks/ASR" / part) for part in KESPEECH_PARTS}
-    split_of_part = {p: s for s, parts in SPLITS["kespeech"].items() for p in parts}
-    utt_split = {utt: split_of_part[part] for part, rows in rows_by_part.items() for _, utt, _ in rows}
-    items = [AudioItem(utt, root / rel, f"{root / 'Tasks/ASR' / part / 'wav.scp'}:{n}")
-             for part, rows in rows_by_part.items() for n, utt, rel in rows]
-    bad, resample = check_audio(items, cfg.skip_bad, report, utt_split.__getitem__, cfg.num_jobs)
-    corpus_for_lhotse = root
-    if bad:  # a clean copy of the Kaldi files without the bad utterances, absolute wav paths
-        corpus_for_lhotse = Path(cfg.manifest_dir).resolve() / "kespeech_clean"
-        for part in KESPEECH_PARTS:
-            part_dir = root / "Tasks/ASR" / part
-            out_dir = corpus_for_lhotse / "Tasks/ASR" / part
-            out_dir.mkdir(parents=True, exist_ok=True)
-            for name in KESPEECH_KALDI_FILES:
-                lines = []
-                for _, utt, value in _kaldi_lines(part_dir / name):
-                    if utt not in bad:
-                        lines.append(f"{utt} {(root / value).absolute() if name == 'wav.scp' else value}\n")
-                (out_dir / name).write_text("".join(lines), encoding="utf-8")
-    kaldi_files = [root / "Tasks/ASR" / p / n for p in KESPEECH_PARTS for n in KESPEECH_KALDI_FILES]
-    _fresh_manifests(Path(cfg.manifest_dir), "kespeech-asr", _fingerprint(kaldi_files, f"{root.resolve()}|{sorted(bad)}"))
-    manifests = prepare_kespeech(corpus_for_lhotse, cfg.manifest_dir, dataset_parts=KESPEECH_PARTS,
-                                 num_jobs=cfg.num_jobs)
-    return manifests, resample
-
-
-def _aishell_manifests(cfg: DataConfig, report: PrepReport) -> tuple[dict, set[str]]:
-    from lhotse.recipes import prepare_aishell
-
-    root = cfg.aishell_root
-    check_aishell_layout(root)
-    transcript = root / "data_aishell/transcript/aishell_transcript_v0.8.txt"
-    transcript_rows = _kaldi_lines(transcript)
-    line_of = {utt: n for n, utt, _ in transcript_rows}
-    wavs = {p.stem: p for split in ("train", "dev", "test") for p in sorted((root / "data_aishell/wav" / split).rglob("*.wav"))}
-    split_of = {p.stem: p.relative_to(root / "data_aishell/wav").parts[0] for p in wavs.values()}
-    # lhotse silently skips wavs without transcript and transcript lines without wav: count both.
-    for utt in sorted(set(wavs) - set(line_of)):
-        report.drop(split_of[utt], "no_transcript", f"{wavs[utt]} has no line in {transcript}")
-    items = [AudioItem(utt, wavs.get(utt, root / "data_aishell/wav/<split>/<SPK>" / f"{utt}.wav"), f"{transcript}:{n}")
-             for n, utt, _ in transcript_rows]
-    bad, resample = check_audio(items, cfg.skip_bad, report, lambda u: split_of.get(u, "unknown"), cfg.num_jobs)
-    corpus_for_lhotse = root
-    if bad:  # a clean view: symlinks to the good wavs (paths are resolved back afterwards)
-        corpus_for_lhotse = Path(cfg.manifest_dir).resolve() / "aishell_clean"
-        view = corpus_for_lhotse / "data_aishell"
-        (view / "transcript").mkdir(parents=True, exist_ok=True)
-        (view / "transcript" / transcript.name).write_text(
-            "".join(f"{u} {t}\n" for _, u, t in transcript_rows if u not in bad), encoding="utf-8")
-        for utt, path in wavs.items():
-            if utt in bad:
-                continue
-            link = view / "wav" / path.relative_to(root / "data_aishell/wav")
-            link.parent.mkdir(parents=True, exist_ok=True)
-            if not link.is_symlink():
-                link.symlink_to(path.resolve())
-    fingerprint = _fingerprint([transcript], f"{root.resolve()}|{sorted(wavs)}|{sorted(bad)}")
-    _fresh_manifests(Path(cfg.manifest_dir), "aishell", fingerprint)
-    manifests = prepare_aishell(corpus_for_lhotse, cfg.manifest_dir)
-    return manifests, resample
-
-
-CORPORA: dict[str, Callable[[DataConfig, PrepReport], tuple[dict, set[str]]]] = {
-    "kespeech": _kespeech_manifests,
-    "aishell": _aishell_manifests,
-}
+def check_corpus(corpus: str, cfg: DataConfig) -> PrepReport:
+    """Only the checks (layout, alignment, audio): for run.sh stage 0 on a real corpus."""
+    report = PrepReport(corpus)
+    checked = CORPORA[corpus].check(cfg, report)
+    report.resampled = len(checked.resample)
+    return report
 
 
 # ----------------------------------------------------------------------------------------
@@ -370,9 +416,15 @@ def prepare_corpus(corpus: str, cfg: DataConfig) -> PrepReport:
     if corpus not in CORPORA:
         raise ValueError(f"unknown corpus {corpus!r}; known: {', '.join(CORPORA)}")
     report = PrepReport(corpus)
-    manifests, resample = CORPORA[corpus](cfg, report)
+    recipe = CORPORA[corpus]
+    checked = recipe.check(cfg, report)
+    resample = checked.resample
     report.resampled = len(resample)
-    relative = not (cfg.kespeech_root if corpus == "kespeech" else cfg.aishell_root).is_absolute()
+    corpus_dir = recipe.clean_view(cfg, checked) if checked.bad else checked.root
+    _fresh_manifests(Path(cfg.manifest_dir), recipe.manifest_prefix,
+                     checked.fingerprint(recipe.listing_files(checked.root)))
+    manifests = recipe.run_lhotse(corpus_dir, cfg)
+    relative = not checked.root.is_absolute()
     for split, parts in SPLITS[corpus].items():
         pieces = []
         for part in parts:
@@ -416,6 +468,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--corpus", choices=[*CORPORA, "all"], default="all")
     parser.add_argument("--config", help="a conf/data/*.yaml file (DataConfig fields)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="DataConfig overrides (YAML values)")
+    parser.add_argument("--check-only", action="store_true", help="only check layout, Kaldi files and audio")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     values = {}
@@ -426,7 +479,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         key, _, value = item.partition("=")
         values[key] = yaml.safe_load(value)
     cfg = DataConfig.from_dict(values, source=args.config or "--set")
-    prepare(cfg, list(CORPORA) if args.corpus == "all" else [args.corpus])
+    corpora = list(CORPORA) if args.corpus == "all" else [args.corpus]
+    if args.check_only:
+        for corpus in corpora:
+            report = check_corpus(corpus, cfg)
+            log.info("%s: checks passed; %d audio problems skipped, %d files to resample",
+                     corpus, sum(report.dropped.values()), report.resampled)
+        return
+    prepare(cfg, corpora)
 
 
 if __name__ == "__main__":

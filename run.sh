@@ -19,6 +19,7 @@ nj=2               # parallel jobs for data preparation
 ngpu=0             # 0: CPU (or one GPU if present); N > 1: torchrun with N processes
 train_base=auto    # auto: train the base in stage 2 unless a finished one exists | true | false
 seed=0             # synthetic corpus seed
+lm_text_steps=auto # tiny LM text pre-training steps in stage 1 (auto: 0 for ci, 100 otherwise)
 base_args=""       # Hydra overrides for the base model training (stage 2)
 train_args=""      # Hydra overrides for the adaptation (stage 3), e.g. "train.lr=5e-4 adapter.rank=4"
 decode_args=""     # Hydra overrides for decoding (stage 4), e.g. "decode.num_beams=4"
@@ -36,6 +37,7 @@ help_message="Usage: $0 [options]
   --ngpu N                     GPUs (torchrun when N > 1; default 0 = CPU or the one GPU)
   --train-base auto|true|false train the base model in stage 2 (auto: unless one exists)
   --seed N                     synthetic corpus seed (default 0)
+  --lm-text-steps N|auto       tiny LM text pre-training steps (auto: 0 for ci, else 100)
   --base-args \"k=v ...\"        Hydra overrides for stage 2
   --train-args \"k=v ...\"       Hydra overrides for stage 3
   --decode-args \"k=v ...\"      Hydra overrides for stage 4
@@ -43,6 +45,9 @@ help_message="Usage: $0 [options]
 Options accept --name value, --name=value, dashes or underscores."
 
 . utils/parse_options.sh
+
+# tqdm redraws every 0.1 s by default: in a log file that is megabytes of progress bars.
+[ -t 2 ] || export TQDM_MININTERVAL="${TQDM_MININTERVAL:-30}"
 
 log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') (${BASH_SOURCE[1]##*/}:${BASH_LINENO[0]}) $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -79,7 +84,8 @@ echo "${cmdline}" >> "${exp_root}/run.sh.cmd"
 # ---- configuration shared by every Python stage ---------------------------------------------
 # shellcheck disable=SC2206
 common_overrides=(model="${model}" data="${corpus}" "data.corpus_dir=${data_root}/corpus"
-    "data.manifest_dir=${data_root}/manifests" "data.cuts_dir=${data_root}/cuts" "data.num_jobs=${nj}")
+    "data.manifest_dir=${data_root}/manifests" "data.cuts_dir=${data_root}/cuts" "data.num_jobs=${nj}"
+    "data.feature_cache_dir=${data_root}/feats")
 if [ "${corpus}" = synthetic ]; then
     common_overrides+=(data.synthetic=true "data.synthetic_size=${size}" "data.synthetic_seed=${seed}")
 else
@@ -130,8 +136,12 @@ if want 1; then
     run_stage "${data_root}/.done/stage1" "cuts $(cat "${data_root}/.done/stage0" 2>/dev/null)" \
         python -m hdmole.bin.prepare cuts "${common_overrides[@]}"
     if [ "${model}" = tiny ]; then
-        run_stage "${data_root}/.done/stage1_tiny" "tiny $(cat "${data_root}/.done/stage1")" \
-            python -m hdmole.bin.prepare tiny "${common_overrides[@]}"
+        if [ "${lm_text_steps}" = auto ]; then
+            lm_text_steps=100
+            [ "${size}" = ci ] && [ "${corpus}" = synthetic ] && lm_text_steps=0
+        fi
+        run_stage "${data_root}/.done/stage1_tiny" "tiny text_steps=${lm_text_steps} $(cat "${data_root}/.done/stage1")" \
+            python -m hdmole.bin.prepare tiny --text-steps "${lm_text_steps}" "${common_overrides[@]}"
     fi
     stage_time 1 "${t0}"
 fi

@@ -3,7 +3,7 @@ Hydra overrides of the experiment config (the same ones run.sh gives training), 
 
     hdmole-prepare corpus data.synthetic_size=ci data.corpus_dir=data/synthetic_ci/corpus
     hdmole-prepare cuts   data.cuts_dir=data/synthetic_ci/cuts ...
-    hdmole-prepare tiny   model.encoder_dir=data/synthetic_ci/tiny/whisper model.llm_dir=data/synthetic_ci/tiny/qwen
+    hdmole-prepare tiny   [--text-steps N] model.encoder_dir=data/synthetic_ci/tiny/whisper model.llm_dir=data/synthetic_ci/tiny/qwen
 """
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ from hdmole.config import compose_config, to_object
 
 log = logging.getLogger("hdmole.prepare")
 
-# Text pre-training steps of the tiny LM (teaches it the corpus language before speech).
-TINY_TEXT_PRETRAIN_STEPS = 300
+# Text pre-training steps of the tiny LM (teaches it the corpus language before speech);
+# `hdmole-prepare tiny --text-steps N ...` overrides it.
+TINY_TEXT_PRETRAIN_STEPS = 200
 
 
-def step_corpus(cfg) -> None:
+def step_corpus(cfg, **_) -> None:
     data = cfg.data
     if data.synthetic:
         from hdmole.data.synthetic import generate
@@ -37,7 +38,7 @@ def step_corpus(cfg) -> None:
         log.info("real corpora present: %s, %s", data.kespeech_root, data.aishell_root)
 
 
-def step_cuts(cfg) -> None:
+def step_cuts(cfg, **_) -> None:
     from hdmole.data.prepare import prepare
 
     prepare(cfg.data)
@@ -55,7 +56,7 @@ def training_sentences(cfg) -> list[str]:
     return sentences
 
 
-def step_tiny(cfg) -> None:
+def step_tiny(cfg, text_steps: int = TINY_TEXT_PRETRAIN_STEPS) -> None:
     from hdmole.model.tiny import write_tiny_checkpoints
 
     enc, llm = Path(cfg.model.encoder_dir), Path(cfg.model.llm_dir)
@@ -63,7 +64,7 @@ def step_tiny(cfg) -> None:
         raise ValueError(f"tiny checkpoints are written as <dir>/whisper and <dir>/qwen; got "
                          f"model.encoder_dir={enc} model.llm_dir={llm}")
     sentences = training_sentences(cfg)
-    write_tiny_checkpoints(enc.parent, sentences, seed=cfg.train.seed, pretrain_steps=TINY_TEXT_PRETRAIN_STEPS)
+    write_tiny_checkpoints(enc.parent, sentences, seed=cfg.train.seed, pretrain_steps=text_steps)
     log.info("tiny checkpoints in %s (tokenizer from %d training sentences)", enc.parent, len(sentences))
 
 
@@ -76,8 +77,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"usage: hdmole-prepare {{{','.join(STEPS)}}} [hydra overrides...]\n{__doc__}")
     setup_logging()
     start = time.time()
-    cfg = to_object(compose_config(argv[1:]))
-    STEPS[argv[0]](cfg)
+    step, rest = argv[0], argv[1:]
+    kwargs = {}
+    if step == "tiny" and rest[:1] == ["--text-steps"]:
+        kwargs["text_steps"], rest = int(rest[1]), rest[2:]
+    cfg = to_object(compose_config(rest))
+    STEPS[step](cfg, **kwargs)
     log.info("prepare %s done in %.1f s", argv[0], time.time() - start)
 
 

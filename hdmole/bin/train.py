@@ -9,7 +9,6 @@ resumes from checkpoints/last.pt; a changed config starts the run afresh.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import random
@@ -41,22 +40,16 @@ def seed_everything(seed: int) -> None:
 
 
 def make_loader(cfg, cuts_path: Path, num_mel_bins: int, train: bool, info: DistInfo, epoch: int = 0) -> Iterable:
-    """The data package's loader for one cut set (rank-sharded when training under DDP)."""
-    from lhotse import load_manifest_lazy
-
-    from hdmole.data import make_dataloader
+    """The data package's loader for one cut set; training batches are shuffled by
+    (seed, epoch) only, so a resumed run sees the same order, and sharded by DDP rank."""
+    from hdmole.data.dataset import make_dataloader
 
     if not cuts_path.exists():
         raise FileNotFoundError(f"{cuts_path} missing: run stage 1 (cut sets)")
-    cuts = load_manifest_lazy(cuts_path)
-    wanted = {"train": train, "shuffle": train, "rank": info.rank, "world_size": info.world_size,
-              "seed": cfg.train.seed + epoch, "epoch": epoch, "drop_last": train and info.enabled}
-    params = inspect.signature(make_dataloader).parameters
-    kwargs = {k: v for k, v in wanted.items() if k in params}
-    loader = make_dataloader(cuts, cfg.data, num_mel_bins, **kwargs)
-    sampler = getattr(loader, "sampler", None)
-    if train and hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)  # the epoch alone decides the order: exact resume
+    loader = make_dataloader(cuts_path, cfg.data, num_mel_bins, shuffle=train, rank=info.rank,
+                             world_size=info.world_size, seed=cfg.train.seed, drop_last=train and info.enabled)
+    if train:
+        loader.sampler.set_epoch(epoch)
     return loader
 
 

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--iters", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=None, help="default: 5 on CUDA, 10 on CPU")
+    parser.add_argument("--repeats", type=int, default=None, help="default: 5 on CUDA, 50 on CPU")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (1 keeps CPU timings stable on a shared machine)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table as JSON")
@@ -115,8 +115,9 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
         args.dtype, torch.bfloat16 if cuda else torch.float32)
     warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
-    iters = args.iters if args.iters is not None else (20 if cuda else 2)
-    repeats = args.repeats if args.repeats is not None else (5 if cuda else 10)
+    # CPU: many single-call samples and their minimum, robust to other jobs on shared cores.
+    iters = args.iters if args.iters is not None else (20 if cuda else 1)
+    repeats = args.repeats if args.repeats is not None else (5 if cuda else 50)
     if not cuda:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -64,22 +64,25 @@ class Espeak:
         return cls._instance
 
     @classmethod
-    def fresh(cls, rand_seed: int) -> "Espeak":
+    def fresh(cls) -> "Espeak":
         """An engine in its initial state. espeak-ng keeps static synthesis state across
-        utterances and draws from libc's rand() (the same text twice gives different samples),
-        so the corpus generator reloads the library (~1 ms) and seeds rand() before each
-        utterance: every file then depends only on its own plan, whatever the number of workers
-        or the order of rendering (tests/test_data_pipeline.py checks byte identity)."""
+        utterances (the same text twice gives different samples after different predecessors),
+        so the corpus generator reloads the library (a few ms: the cmn dictionary is reread)
+        at the start of each fixed block of utterances and seeds the random generators before
+        each utterance: output then depends only on the plan, whatever the number of workers
+        (tests/test_data_pipeline.py checks byte identity)."""
         import _ctypes
 
         if cls._instance is not None:
             cls._instance._lib.espeak_Terminate()
             _ctypes.dlclose(cls._instance._lib._handle)
             cls._instance = None
-        engine = cls.get()
-        engine._lib.espeak_ng_SetRandSeed(ctypes.c_long(rand_seed))  # espeak-ng's own generator
-        ctypes.CDLL(None).srand(ctypes.c_uint(rand_seed))  # and libc's, used by the klatt voices
-        return engine
+        return cls.get()
+
+    def seed(self, rand_seed: int) -> None:
+        """Seed espeak-ng's own generator and libc's rand() (used by the klatt voices)."""
+        self._lib.espeak_ng_SetRandSeed(ctypes.c_long(rand_seed))
+        ctypes.CDLL(None).srand(ctypes.c_uint(rand_seed))
 
     def synthesize(self, pinyin: str, voice: Voice) -> np.ndarray:
         """Numbered pinyin -> float32 mono audio at 16 kHz in [-1, 1]."""

@@ -214,24 +214,37 @@ def plan_corpus(size_name: str, seed: int) -> CorpusPlan:
     return CorpusPlan(size_name, seed, inventory, utts, text_stats)
 
 
-def render(plan: UttPlan, root: str) -> tuple[str, int]:
-    """Synthesize one utterance to `root/plan.rel_path` (atomic); returns (utt_id, num_samples)."""
+BLOCK_SIZE = 64  # utterances rendered in sequence from a freshly loaded espeak-ng
+
+
+def render_block(block: list[UttPlan], root: str) -> list[tuple[str, int]]:
+    """Synthesize a block of consecutive plan entries (atomic writes); returns (utt_id, samples).
+
+    espeak-ng's state after an utterance depends on the ones before it, so a block always starts
+    from a fresh engine and is rendered whole and in order; a block whose files all exist (an
+    interrupted run) is skipped, a partial one is rendered again (identical bytes).
+    """
     import soundfile as sf
 
-    path = Path(root) / plan.rel_path
-    if path.exists():  # written atomically by an earlier (interrupted) run of the same plan
-        return plan.utt_id, sf.info(str(path)).frames
-    audio = Espeak.fresh(plan.noise_seed).synthesize(plan.pinyin, plan.voice)
-    audio = apply_channel(audio, plan.channel, plan.snr_db, plan.gain_dbfs, plan.noise_seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    sf.write(str(tmp), np.clip(audio, -1.0, 1.0), SAMPLE_RATE, subtype="PCM_16", format="WAV")
-    os.replace(tmp, path)
-    return plan.utt_id, int(audio.shape[0])
+    paths = [Path(root) / plan.rel_path for plan in block]
+    if all(path.exists() for path in paths):
+        return [(plan.utt_id, sf.info(str(path)).frames) for plan, path in zip(block, paths)]
+    engine = Espeak.fresh()
+    out = []
+    for plan, path in zip(block, paths):
+        engine.seed(plan.noise_seed)
+        audio = engine.synthesize(plan.pinyin, plan.voice)
+        audio = apply_channel(audio, plan.channel, plan.snr_db, plan.gain_dbfs, plan.noise_seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        sf.write(str(tmp), np.clip(audio, -1.0, 1.0), SAMPLE_RATE, subtype="PCM_16", format="WAV")
+        os.replace(tmp, path)
+        out.append((plan.utt_id, int(audio.shape[0])))
+    return out
 
 
-def _render_star(args: tuple[UttPlan, str]) -> tuple[str, int]:
-    return render(*args)
+def _render_star(args: tuple[list[UttPlan], str]) -> list[tuple[str, int]]:
+    return render_block(*args)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -330,18 +343,21 @@ def generate(out: str | Path, size_name: str = "default", seed: int = 0, nj: int
     _write_text(plan_marker, digest + "\n")
 
     samples: dict[str, int] = {}
-    jobs = [(u, str(out)) for u in plan.utterances]
-    bar = tqdm(total=len(jobs), desc=f"synthesising {size_name} corpus", unit="utt", disable=not progress)
+    utts = plan.utterances
+    jobs = [(utts[i:i + BLOCK_SIZE], str(out)) for i in range(0, len(utts), BLOCK_SIZE)]
+    bar = tqdm(total=len(utts), desc=f"synthesising {size_name} corpus", unit="utt", disable=not progress)
     if nj <= 1:
-        for job in jobs:
-            utt_id, n = _render_star(job)
-            samples[utt_id] = n
-            bar.update()
+        results = map(_render_star, jobs)
     else:
-        with get_context("spawn").Pool(nj) as pool:  # spawn: espeak-ng state is per process
-            for utt_id, n in pool.imap_unordered(_render_star, jobs, chunksize=64):
-                samples[utt_id] = n
-                bar.update()
+        pool = get_context("spawn").Pool(nj)  # spawn: espeak-ng state is per process
+        results = pool.imap_unordered(_render_star, jobs)
+    try:
+        for rendered in results:
+            samples.update(rendered)
+            bar.update(len(rendered))
+    finally:
+        if nj > 1:
+            pool.terminate()
     bar.close()
 
     _write_layouts(out, plan.utterances)

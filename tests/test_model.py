@@ -400,3 +400,50 @@ def test_spec_augment_masks_valid_frames_only_and_only_in_training(tiny_dirs):
         assert time_masked <= 2 * int(0.2 * n)
     m = LLMASR.from_config(cfg, "cpu").eval()
     assert torch.equal(m.encode(batch)[0], m.encode(batch)[0])  # no augmentation at inference
+
+
+class MarkovStepper:
+    """A stand-in LM whose next-token logits depend on the step and the last token only."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        self.table = table  # (steps + 1, V, V)
+
+    def prefill(self, embeds, attention_mask, position_ids):
+        self.t = 0
+        self.last = torch.zeros(embeds.shape[0], dtype=torch.long)
+        return self.table[0, self.last]
+
+    def step(self, tokens):
+        self.t += 1
+        self.last = tokens.clamp(max=self.table.shape[-1] - 1)  # dead beams carry the pad id
+        return self.table[self.t, self.last]
+
+    def reorder(self, rows):
+        self.last = self.last[rows]
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_beam_search_is_exact_when_beams_cover_all_hypotheses(length_penalty):
+    import itertools
+
+    from hdmole.model.decoding import StoppingRules, beam_search, greedy_search
+
+    vocab, eos, max_new = 4, 3, 3
+    table = torch.randn(max_new + 2, vocab, vocab, generator=torch.Generator().manual_seed(4)) * 2
+    logp = torch.log_softmax(table, dim=-1)
+    best, best_score = None, float("-inf")
+    for n in range(max_new + 1):  # n answer tokens, then EOS (forced, log p = 0, at step max_new)
+        for seq in itertools.product(range(eos), repeat=n):
+            last, score = 0, 0.0
+            for t, tok in enumerate(seq):
+                score += float(logp[t, last, tok])
+                last = tok
+            score += float(logp[n, last, eos]) if n < max_new else 0.0
+            score /= (n + 1) ** length_penalty
+            if score > best_score:
+                best, best_score = list(seq), score
+    rules = StoppingRules(eos_id=eos, pad_id=99, max_new_tokens=torch.tensor([max_new]), max_repeats=0)
+    dummy = (torch.zeros(1, 2, 8), torch.ones(1, 2, dtype=torch.long), torch.arange(2)[None])
+    assert beam_search(MarkovStepper(table), *dummy, rules, num_beams=27, length_penalty=length_penalty) == [best]
+    greedy = greedy_search(MarkovStepper(table), *dummy, rules)[0]
+    assert len(greedy) <= max_new

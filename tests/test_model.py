@@ -447,3 +447,15 @@ def test_beam_search_is_exact_when_beams_cover_all_hypotheses(length_penalty):
     assert beam_search(MarkovStepper(table), *dummy, rules, num_beams=27, length_penalty=length_penalty) == [best]
     greedy = greedy_search(MarkovStepper(table), *dummy, rules)[0]
     assert len(greedy) <= max_new
+
+
+def test_text_pretraining_teaches_the_tiny_llm_the_corpus():
+    from hdmole.model.tiny import build_char_tokenizer, pretrain_text_lm, qwen_config
+
+    torch.manual_seed(0)
+    tokenizer = build_char_tokenizer(SAMPLE_SENTENCES)
+    from transformers import Qwen2ForCausalLM
+    llm = Qwen2ForCausalLM(qwen_config(TinySizes.for_tests(), tokenizer))
+    prompts = PromptBuilder(tokenizer, "请转写音频为文字", "<|im_end|>")
+    losses = pretrain_text_lm(llm, prompts, SAMPLE_SENTENCES, steps=40, batch_size=5, lr=1e-2)
+    assert losses[-1] < 0.3 * losses[0]

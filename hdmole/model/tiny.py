@@ -153,7 +153,7 @@ def pretrain_text_lm(
         torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
         optim.step()
         sched.step()
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
     llm.eval()
     log.info("text pre-training: loss %.3f -> %.3f over %d steps", losses[0], losses[-1], steps)
     return losses

@@ -137,6 +137,22 @@ def bench_train(model: LLMASR, batch: Batch, scale: Scale, device: torch.device)
     model.encoder.pad_to_30s = False
     rows[1]["speedup_variable_vs_padded"] = round(rows[1]["ms_per_step"] / rows[0]["ms_per_step"], 2)
     optim.zero_grad(set_to_none=True)
+    del optim
+    # The method's setting: HDMoLE experts on the projector's linears (defaults of AdapterConfig).
+    from hdmole.adapters import AdapterConfig
+
+    handle = model.attach_adapter(AdapterConfig(), num_accents=9)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=1e-5)
+    model.train()
+    seconds = timed(step, scale.train_steps, device)
+    row = {"what": "train_step_hdmole_adapter", "input": "variable_length", "batch": scale.batch,
+           "audio_s": scale.seconds, "ms_per_step": round(seconds * 1000, 1),
+           "trainable_params": sum(p.numel() for p in params),
+           "projector_params": handle.trainable_report(model.projector).target_linear_parameters}
+    rows.append(row)
+    print(row, flush=True)
+    optim.zero_grad(set_to_none=True)
     model.eval()
     return rows
 

@@ -70,20 +70,22 @@ fi
 
 if [ "${corpus}" = synthetic ]; then
     corpus_tag="synthetic_${size}"
+    data_preset=synthetic
 else
     corpus_tag="kespeech"
+    data_preset=real
 fi
 data_root="data/${corpus_tag}"
 [ -n "${exp_tag}" ] || exp_tag="${corpus_tag}_${model}"
 exp_root="exp/${exp_tag}"
-base_dir="${exp_root}/base"
+base_dir="${exp_root}/base_model"
 adapt_dir="${exp_root}/${adapter}"
 mkdir -p "${exp_root}"
 echo "${cmdline}" >> "${exp_root}/run.sh.cmd"
 
 # ---- configuration shared by every Python stage ---------------------------------------------
 # shellcheck disable=SC2206
-common_overrides=(model="${model}" data="${corpus}" "data.corpus_dir=${data_root}/corpus"
+common_overrides=(model="${model}" data="${data_preset}" "data.corpus_dir=${data_root}/corpus"
     "data.manifest_dir=${data_root}/manifests" "data.cuts_dir=${data_root}/cuts" "data.num_jobs=${nj}"
     "data.feature_cache_dir=${data_root}/feats")
 if [ "${corpus}" = synthetic ]; then
@@ -124,7 +126,8 @@ stage_time() { log "stage $1 done in $(( SECONDS - $2 )) s"; }
 if want 0; then
     t0=${SECONDS}
     log "stage 0: corpus (${corpus_tag}) and lhotse manifests"
-    run_stage "${data_root}/.done/stage0" "${common_overrides[*]}" \
+    data_key="$(python -m hdmole.bin.prepare corpus-id "${common_overrides[@]}")"
+    run_stage "${data_root}/.done/stage0" "${data_key}" \
         python -m hdmole.bin.prepare corpus "${common_overrides[@]}"
     stage_time 0 "${t0}"
 fi
@@ -158,10 +161,10 @@ if want 2; then
         # (a) encoder + CTC head; (b) encoder frozen, projector + LLM (staged: environment.md).
         # shellcheck disable=SC2086
         run_stage "${exp_root}/.done/stage2_encoder" "${key}" "${train_cmd[@]}" "${common_overrides[@]}" \
-            experiment=base_encoder "exp_dir=${exp_root}/base_encoder" ${base_args}
+            experiment=base_encoder "exp_dir=${exp_root}/base_model_encoder" ${base_args}
         # shellcheck disable=SC2086
         run_stage "${exp_root}/.done/stage2" "${key}" "${train_cmd[@]}" "${common_overrides[@]}" \
-            experiment=base_llm "exp_dir=${base_dir}" "train.init_from=${exp_root}/base_encoder" ${base_args}
+            experiment=base_llm "exp_dir=${base_dir}" "train.init_from=${exp_root}/base_model_encoder" ${base_args}
     else
         # shellcheck disable=SC2086
         run_stage "${exp_root}/.done/stage2" "$(cat "${data_root}/.done/stage1" 2>/dev/null) ${base_args}" \

@@ -27,7 +27,9 @@ def step_corpus(cfg, **_) -> None:
     if data.synthetic:
         from hdmole.data.synthetic import generate
 
-        manifest = generate(data.corpus_dir, data.synthetic_size, data.synthetic_seed, data.num_jobs)
+        # The corpus directory belongs to this size and seed: a different plan (a newer
+        # generator) means a stale corpus, replaced rather than refused.
+        manifest = generate(data.corpus_dir, data.synthetic_size, data.synthetic_seed, data.num_jobs, overwrite=True)
         log.info("synthetic corpus %s: %d utterances, %.2f h", data.corpus_dir, manifest["num_utterances"],
                  manifest["hours"])
     else:
@@ -68,7 +70,20 @@ def step_tiny(cfg, text_steps: int = TINY_TEXT_PRETRAIN_STEPS) -> None:
     log.info("tiny checkpoints in %s (tokenizer from %d training sentences)", enc.parent, len(sentences))
 
 
-STEPS = {"corpus": step_corpus, "cuts": step_cuts, "tiny": step_tiny}
+def step_corpus_id(cfg, **_) -> None:
+    """Print what identifies the corpus (run.sh keys stage 0 on it): the synthetic plan's
+    digest, or the real corpus roots."""
+    data = cfg.data
+    if data.synthetic:
+        from hdmole.data.synthetic import CORPUS_VERSION, plan_corpus
+
+        print(f"{CORPUS_VERSION} {data.synthetic_size} seed={data.synthetic_seed} "
+              f"plan={plan_corpus(data.synthetic_size, data.synthetic_seed).digest()[:16]}")
+    else:
+        print(f"real kespeech={data.kespeech_root} aishell={data.aishell_root}")
+
+
+STEPS = {"corpus-id": step_corpus_id, "corpus": step_corpus, "cuts": step_cuts, "tiny": step_tiny}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in STEPS:
         sys.exit(f"usage: hdmole-prepare {{{','.join(STEPS)}}} [hydra overrides...]\n{__doc__}")
     setup_logging()
+    logging.getLogger().setLevel(logging.WARNING if argv[0] == "corpus-id" else logging.INFO)
     start = time.time()
     step, rest = argv[0], argv[1:]
     kwargs = {}

@@ -1,0 +1,75 @@
+"""End to end: ./run.sh stages 0-5 on the `ci` synthetic corpus with the tiny model on CPU,
+then a rerun (a no-op), then single stages with changed settings."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from hdmole.data.accents import ACCENTS
+from hdmole.score import read_keyed
+
+ROOT = Path(__file__).resolve().parents[1]
+TAG = f"pytest_recipe_{os.getpid()}"
+EXP = ROOT / "exp" / TAG
+# A few steps per phase: this checks the plumbing, not the accuracy (see README for real runs).
+FAST = ["--size", "ci", "--exp-tag", TAG, "--skip-setup", "true",
+        "--base-args", "train.max_steps=3 train.valid_every=3 train.max_minutes=0 train.valid_max_batches=1",
+        "--train-args", "train.max_steps=3 train.valid_every=2 train.max_minutes=0 train.valid_max_batches=1"]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(ROOT / "run.sh"), *FAST, *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"run.sh {' '.join(args)} failed:\n{r.stderr[-4000:]}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    start = time.time()
+    first = run()
+    yield first, time.time() - start
+    shutil.rmtree(EXP, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_stages_0_to_5(recipe):
+    r, seconds = recipe
+    adapt = EXP / "hdmole"
+    results = (adapt / "RESULTS.md").read_text()
+    for accent in ACCENTS:
+        assert f"| kespeech_test | {accent} |" in results
+    assert "| aishell_test | all |" in results
+    for name in ("kespeech_test", "aishell_test"):
+        d = adapt / "decode" / name
+        assert set(read_keyed(d / "hyp")) == set(read_keyed(d / "ref")) == set(read_keyed(d / "utt2accent"))
+    assert (adapt / "plots" / "cer_per_accent.png").exists()
+    assert (adapt / "plots" / "active_experts_per_layer.png").exists()
+    for run_dir in (EXP / "base_model_encoder", EXP / "base_model", adapt):  # provenance of every run
+        for name in ("config.yaml", "command.txt", "git_revision.txt", "versions.json", "model/done"):
+            assert (run_dir / name).exists(), run_dir / name
+    assert "--exp-tag" in (EXP / "run.sh.cmd").read_text()
+    assert f"init_from: exp/{TAG}/base_model" in (adapt / "config.yaml").read_text()
+    print(f"ci recipe stages 0-5: {seconds:.0f} s")
+
+
+@pytest.mark.slow
+def test_rerun_is_noop_and_single_stages(recipe):
+    results = EXP / "hdmole" / "RESULTS.md"
+    before = results.stat().st_mtime_ns
+    r = run()
+    assert r.stderr.count("up to date, skipped") >= 8, r.stderr[-3000:]
+    assert "running:" not in r.stderr
+    assert results.stat().st_mtime_ns == before
+    # a changed decoding setting redoes stage 4 (and the scoring that depends on it) only
+    r = run("--stage", "4", "--stop-stage", "5", "--decode-args", "decode.max_new_tokens=4")
+    assert "running: python -m hdmole.bin.decode" in r.stderr and "hdmole.bin.train" not in r.stderr
+    assert results.stat().st_mtime_ns != before
+    # the base-line preset decodes the base model without training anything
+    r = run("--stage", "3", "--stop-stage", "5", "--adapter", "base")
+    info = (EXP / "base" / "model" / "info.json")
+    assert info.exists() and "| trainable parameters | 0 |" in (EXP / "base" / "RESULTS.md").read_text()

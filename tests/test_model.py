@@ -458,3 +458,25 @@ def test_text_pretraining_teaches_the_tiny_llm_the_corpus():
     prompts = PromptBuilder(tokenizer, "请转写音频为文字", "<|im_end|>")
     losses = pretrain_text_lm(llm, prompts, SAMPLE_SENTENCES, steps=40, batch_size=5, lr=1e-2)
     assert losses[-1] < 0.3 * losses[0]
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_dirs):
+    batch = make_batch([120, 70])
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        m = LLMASR.from_config(make_config(tiny_dirs, freeze_encoder=False, freeze_llm=False,
+                                           gradient_checkpointing=checkpointing), "cpu").train()
+        assert m.llm.training and m.encoder.training
+        assert m.llm.model.layers[0].gradient_checkpointing == checkpointing
+        assert m.encoder.whisper.layers[0].gradient_checkpointing == checkpointing
+        calls = []
+        for module in (m.encoder.whisper.layers[0].fc1, m.llm.model.layers[0].mlp):
+            module.register_forward_hook(lambda *_: calls.append(1))
+        out = m(batch)
+        out.loss.backward()
+        assert len(calls) == (4 if checkpointing else 2)  # checkpointed layers recompute in backward
+        results.append((out.loss.detach(), m.encoder.whisper.layers[0].fc1.weight.grad.clone(),
+                        m.llm.model.layers[0].mlp.up_proj.weight.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

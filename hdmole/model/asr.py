@@ -50,6 +50,14 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
+def _enable_checkpointing(model: nn.Module) -> None:
+    # transformers 5.2x renamed gradient_checkpointing_enable (deprecated) to activation_...
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 @dataclass
 class ASROutput:
     loss: torch.Tensor
@@ -80,10 +88,10 @@ class LLMASR(nn.Module):
         self.to(llm.device)
         self.apply_freezing()
         if cfg.gradient_checkpointing:
-            kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-            self.llm.gradient_checkpointing_enable(**kwargs)
+            # The projector's gradient flows back through the LLM even when it is frozen.
+            _enable_checkpointing(self.llm)
             if not cfg.freeze_encoder:
-                self.encoder.whisper.gradient_checkpointing_enable(**kwargs)
+                _enable_checkpointing(self.encoder.whisper)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod

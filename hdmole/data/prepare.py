@@ -75,9 +75,9 @@ class PrepReport:
 
     def drop(self, split: str, reason: str, what: str) -> None:
         self.dropped[(split, reason)] += 1
-        if len(self.examples[reason]) < 5:
+        if len(self.examples[reason]) < 5:  # the first few per reason are logged and kept as examples
             self.examples[reason].append(what)
-        log.warning("%s/%s: dropped (%s): %s", self.corpus, split, reason, what)
+            log.warning("%s/%s: dropped (%s): %s", self.corpus, split, reason, what)
 
     def keep(self, split: str, accent: str, duration: float) -> None:
         self.kept[split][accent].append(duration)

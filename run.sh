@@ -17,7 +17,7 @@ adapter=hdmole     # conf/adapter/<adapter>.yaml; base = no adaptation
 exp_tag=""         # experiment root exp/<tag>; default <corpus>_<size>_<model>
 nj=2               # parallel jobs for data preparation
 ngpu=0             # 0: CPU (or one GPU if present); N > 1: torchrun with N processes
-train_base=auto    # auto: train the base in stage 2 unless a finished one exists | true | false
+train_base=auto    # auto: train the base in stage 2 unless a finished one is up to date | true: retrain | false: reuse
 seed=0             # synthetic corpus seed
 lm_text_steps=auto # tiny LM text pre-training steps in stage 1 (auto: 0 for ci, 100 otherwise)
 base_args=""       # Hydra overrides for the base model training (stage 2)
@@ -153,6 +153,10 @@ fi
 if want 2; then
     t0=${SECONDS}
     log "stage 2: base model (${base_dir})"
+    if [ "${train_base}" = true ]; then
+        rm -rf "${exp_root}/.done/stage2" "${exp_root}/.done/stage2_encoder" "${base_dir}" \
+            "${exp_root}/base_model_encoder"  # retrain from scratch on request
+    fi
     if [ "${train_base}" = false ]; then
         [ -f "${base_dir}/model/done" ] || die "--train-base false but no finished base model in ${base_dir}"
         log "using the existing base model in ${base_dir}"

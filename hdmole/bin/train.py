@@ -9,6 +9,7 @@ resumes from checkpoints/last.pt; a changed config starts the run afresh.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -39,15 +40,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_loader(cfg, cuts_path: Path, num_mel_bins: int, train: bool, info: DistInfo, epoch: int = 0) -> Iterable:
+def make_loader(cfg, cuts_path: Path, num_mel_bins: int, train: bool, info: DistInfo, epoch: int = 0,
+                shuffle: bool | None = None) -> Iterable:
     """The data package's loader for one cut set; training batches are shuffled by
     (seed, epoch) only, so a resumed run sees the same order, and sharded by DDP rank."""
     from hdmole.data.dataset import make_dataloader
 
     if not cuts_path.exists():
         raise FileNotFoundError(f"{cuts_path} missing: run stage 1 (cut sets)")
-    loader = make_dataloader(cuts_path, cfg.data, num_mel_bins, shuffle=train, rank=info.rank,
-                             world_size=info.world_size, seed=cfg.train.seed, drop_last=train and info.enabled)
+    loader = make_dataloader(cuts_path, cfg.data, num_mel_bins, shuffle=train if shuffle is None else shuffle,
+                             rank=info.rank, world_size=info.world_size, seed=cfg.train.seed,
+                             drop_last=train and info.enabled)
     if train:
         loader.sampler.set_epoch(epoch)
     return loader
@@ -73,7 +76,10 @@ def make_validate(cfg, model, dev_path: Path, use_ctc: bool) -> tuple[Callable, 
             handle.statistics_enabled = True
         losses, refs, hyps = [], [], []
         try:
-            for i, batch in enumerate(make_loader(cfg, dev_path, m.num_mel_bins, False, info)):
+            # A dev subset (valid_max_batches) is a fixed random draw, so that it mixes the
+            # accents (cut sets are sorted by id, i.e. grouped by accent) and stays comparable.
+            subset = cfg.train.valid_max_batches > 0
+            for i, batch in enumerate(make_loader(cfg, dev_path, m.num_mel_bins, False, info, shuffle=subset)):
                 if cfg.train.valid_max_batches and i >= cfg.train.valid_max_batches:
                     break
                 losses.append(float(m(batch).loss))
@@ -162,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             device = f"cuda:{info.local_rank}"
         model, loaded = build_model(cfg, device)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        state = None
+        state, trainer = None, None
         if not trainable:
             if cfg.adapter.method != "none":
                 raise ValueError("nothing to train: check the model freeze_* flags and the adapter preset")
@@ -179,11 +185,14 @@ def main(argv: list[str] | None = None) -> None:
                               dist_info=info)
             state = trainer.fit()
             trainer.load_best()
-        if info.is_main:
-            info_json = model_info(model, state)
-            (exp_dir / "model_info.json").write_text(json.dumps(info_json, indent=1) + "\n", encoding="utf-8")
-            save_export(exp_dir, exported_state(model, loaded), info_json)
-            log.info("exported %s (%s trainable parameters)", exp_dir / "model", f"{info_json['trainable_params']:,}")
+        # FSDP: every rank gathers the shards, rank 0 exports the whole model.
+        with trainer.full_model() if trainer is not None else contextlib.nullcontext():
+            if info.is_main:
+                info_json = model_info(model, state)
+                (exp_dir / "model_info.json").write_text(json.dumps(info_json, indent=1) + "\n", encoding="utf-8")
+                save_export(exp_dir, exported_state(model, loaded), info_json)
+                log.info("exported %s (%s trainable parameters)", exp_dir / "model",
+                         f"{info_json['trainable_params']:,}")
     finally:
         cleanup_distributed()
 

@@ -73,6 +73,20 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         os.close(dir_fd)
 
 
+def checkpoint_bytes(params: list[torch.Tensor]) -> int:
+    """Size of a resumable checkpoint: fp32 weights + AdamW's two moments per trainable value."""
+    return 3 * 4 * sum(p.numel() for p in params)
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete temporary files of saves that never finished (a killed run): never loaded, only
+    taking space (at 7B full fine-tuning one is ~80 GB)."""
+    stale = sorted(directory.glob(".*.tmp-*")) if directory.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)

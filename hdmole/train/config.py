@@ -32,6 +32,12 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
     deterministic: bool = False  # torch.use_deterministic_algorithms (exact resume tests)
+    # Under torchrun (world size > 1): ddp (replicated model; adapter training) or fsdp (FSDP2,
+    # sharded parameters/gradients/Adam states; full fine-tuning at 7B). See docs/scaling.md.
+    parallel: str = "ddp"
+    # DDP: search the graph for parameters without gradient every step. Every preset uses all
+    # its trainable parameters (tested), so off; the first step checks it and names the key.
+    find_unused_parameters: bool = False
     # Validation: every `valid_every` steps (0 = only at the end) on at most
     # `valid_max_batches` dev batches (0 = all). Early stopping on `metric` (lower is better).
     valid_every: int = 100

@@ -19,11 +19,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from hdmole.train.checkpoint import (CHECKPOINT_FORMAT, atomic_torch_save, check_writable, load_checkpoint,
-                                     load_trainable_state, rng_state, set_rng_state, trainable_state)
+from hdmole.train.checkpoint import (CHECKPOINT_FORMAT, atomic_torch_save, check_writable, checkpoint_bytes,
+                                     load_checkpoint, remove_stale_temporaries, rng_state, set_rng_state)
 from hdmole.train.config import TrainConfig
 from hdmole.train.distributed import DistInfo, any_rank, barrier, broadcast_object
 from hdmole.train.logger import TrainLogger
+from hdmole.train.parallel import build_parallel
 from hdmole.train.nan_guard import NonFiniteError, first_nonfinite_grad, first_nonfinite_module
 from hdmole.train.schedule import build_scheduler
 
@@ -106,6 +107,9 @@ class Trainer:
         self.train_batches = train_batches
         self.validate = validate
         self.routing_stats = routing_stats
+        # Wrap (DDP) or shard (FSDP) before the optimiser: sharding replaces the parameters.
+        self.parallel = build_parallel(cfg.parallel, self.info, cfg.find_unused_parameters, self.amp_dtype)
+        self.losses = self.parallel.wrap(_Losses(self.model), self.model, self.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters (requires_grad): nothing to train")
@@ -116,34 +120,29 @@ class Trainer:
             lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, cfg.max_steps, cfg.schedule,
                                          cfg.min_lr_ratio)
-        self.losses = _Losses(self.model)
-        if self.info.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            # Routed experts may receive no token in a step: let DDP tolerate unused parameters.
-            self.losses = DDP(self.losses, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                              find_unused_parameters=True)
         self.state = TrainState()
         self._pending_rng: dict | None = None
+        self._first_step = True  # of this process (also after a resume)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _save(self, name: str, full: bool) -> None:
+        """Every rank calls (FSDP gathers shards); rank 0 writes the one file."""
+        trainable = self.parallel.trainable_state(self.model)
+        optimizer = self.parallel.optimizer_state(self.model, self.optimizer) if full else None
         if not self.info.is_main:
             return
-        ckpt = {"format": CHECKPOINT_FORMAT, "trainable": trainable_state(self.model),
-                "state": asdict(self.state)}
+        ckpt = {"format": CHECKPOINT_FORMAT, "trainable": trainable, "state": asdict(self.state)}
         if full:
-            ckpt.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                        rng=rng_state())
+            ckpt.update(optimizer=optimizer, scheduler=self.scheduler.state_dict(), rng=rng_state())
         atomic_torch_save(ckpt, self.ckpt_dir / name)
 
     def _resume(self) -> bool:
         path = self.ckpt_dir / LAST
         if not (self.cfg.resume and path.exists()):
             return False
-        ckpt = load_checkpoint(path)
-        load_trainable_state(self.model, ckpt["trainable"], str(path))
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt = load_checkpoint(path)  # every rank reads it (exp_dir on a shared file system)
+        self.parallel.load_trainable(self.model, ckpt["trainable"], str(path))
+        self.parallel.load_optimizer(self.model, self.optimizer, ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.state = TrainState(**ckpt["state"])
         self._pending_rng = ckpt["rng"]  # restored once the data position is reached
@@ -157,9 +156,13 @@ class Trainer:
             path = self.ckpt_dir / name
             if path.exists():
                 ckpt = load_checkpoint(path)
-                load_trainable_state(self.model, ckpt["trainable"], str(path))
+                self.parallel.load_trainable(self.model, ckpt["trainable"], str(path))
                 return ckpt["state"]
         raise FileNotFoundError(f"no checkpoint in {self.ckpt_dir}")
+
+    def full_model(self) -> contextlib.AbstractContextManager:
+        """Inside, rank 0 may use the whole model alone (export); every rank must enter."""
+        return self.parallel.full_model(self.model)
 
     # ---- data ----------------------------------------------------------------------------------
     def _micro_batches(self) -> Iterator[Any]:
@@ -202,17 +205,21 @@ class Trainer:
         for i, batch in enumerate(micro):
             batch = batch.to(self.device)
             sync = i == len(micro) - 1 or not self.info.enabled
-            with (contextlib.nullcontext() if sync else self.losses.no_sync()):
+            with self.parallel.gradient_sync(self.losses, sync):
                 losses = self._forward(batch)
                 self._check_finite(losses["loss"], batch)
                 (losses["loss"] / len(micro)).backward()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / len(micro)
+        if self._first_step:
+            self.parallel.check_gradients(self.model)
+            self._first_step = False
         if self.cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         else:
             norm = torch.linalg.vector_norm(torch.stack(
                 [p.grad.detach().norm() for p in self.params if p.grad is not None]))
+        norm = torch.tensor(self.parallel.scalar(norm))
         if not torch.isfinite(norm):
             raise NonFiniteError(f"non-finite gradient at step {self.state.step + 1}: first in parameter "
                                  f"'{first_nonfinite_grad(self.model)}'")
@@ -227,11 +234,11 @@ class Trainer:
     # ---- validation ------------------------------------------------------------------------------
     def _validate(self, logger: TrainLogger) -> bool:
         """Validate on rank 0, save best/last; returns True when training should stop early."""
-        stop = False
-        if self.info.is_main:
-            st = self.state
-            metrics: dict[str, float] = {}
-            if self.validate is not None:
+        st = self.state
+        improved = False
+        metrics: dict[str, float] = {}
+        with self.parallel.full_model(self.model):
+            if self.info.is_main and self.validate is not None:
                 self.model.eval()
                 with torch.no_grad():
                     metrics = self.validate(self.model)
@@ -239,25 +246,38 @@ class Trainer:
                 if self.cfg.metric not in metrics:
                     raise KeyError(f"validation returned {sorted(metrics)}, no train.metric={self.cfg.metric!r}")
                 value = metrics[self.cfg.metric]
-                if value < st.best_metric:
+                improved = value < st.best_metric
+                if improved:
                     st.best_metric, st.best_step, st.bad_validations = value, st.step, 0
-                    self._save(BEST, full=False)
                 else:
                     st.bad_validations += 1
-                stop = 0 < self.cfg.early_stop_patience <= st.bad_validations
+        # Every rank keeps the same loop state (a later resume or early stop must agree).
+        best_state = broadcast_object((improved, st.best_metric, st.best_step, st.bad_validations), self.info)
+        improved, st.best_metric, st.best_step, st.bad_validations = best_state
+        if improved:
+            self._save(BEST, full=False)
+        stop = self.validate is not None and 0 < self.cfg.early_stop_patience <= st.bad_validations
+        if self.info.is_main:
             if self.routing_stats is not None:
                 logger.log("routing", st.step, self.routing_stats())
             logger.log("valid", st.step, {**metrics, "best": st.best_metric, "best_step": st.best_step})
-            self._save(LAST, full=True)
+        self._save(LAST, full=True)
         barrier(self.info)
-        return bool(broadcast_object(stop, self.info))
+        return stop
 
     # ---- the loop --------------------------------------------------------------------------------
     def fit(self) -> TrainState:
         cfg = self.cfg
+        error = None
         if self.info.is_main:
-            check_writable(self.exp_dir)
-        barrier(self.info)
+            try:  # before the first step: a checkpoint and its temporary copy must fit on the disk
+                check_writable(self.exp_dir, min_free_mb=2 * checkpoint_bytes(self.params) / 2**20 + 50)
+                remove_stale_temporaries(self.ckpt_dir)
+            except RuntimeError as e:
+                error = str(e)
+        error = broadcast_object(error, self.info)  # every rank stops, none waits for rank 0
+        if error:
+            raise RuntimeError(error)
         resumed = self._resume()
         st = self.state
         logger = TrainLogger(self.exp_dir, self.info.is_main, st.step if resumed else None)

@@ -14,7 +14,7 @@ import soundfile as sf
 
 from hdmole.data.accents import ACCENTS, accent_id
 from hdmole.data.config import DataConfig
-from hdmole.data.dataset import FeatureCache, LogMelExtractor, collate, load_cuts, make_dataloader
+from hdmole.data.dataset import FeatureCache, LogMelExtractor, collate, cuts_by_accent, load_cuts, make_dataloader
 from hdmole.data.prepare import CorpusError, prepare_corpus
 from hdmole.data.synthetic import MANIFEST_NAME, generate, plan_corpus
 
@@ -121,6 +121,9 @@ def test_prepare_both_corpora_keeps_accents(corpus, tmp_path):
                 assert cut.supervisions[0].language in (*ACCENTS, "Chinese")
     test = load_cuts(cfg.cuts_path("kespeech", "test"))
     assert {c.supervisions[0].language for c in test} == set(ACCENTS)
+    groups = cuts_by_accent(test)
+    assert sorted(groups) == sorted(ACCENTS) and all(len(g) == 4 for g in groups.values())
+    assert list(cuts_by_accent(load_cuts(cfg.cuts_path("aishell", "test")))) == ["Mandarin"]
     # The label comes from utt2subdialect, for every utterance.
     truth = dict(line.split() for line in (corpus / "KeSpeech/Tasks/ASR/test/utt2subdialect").read_text().splitlines())
     assert {c.id: c.supervisions[0].language for c in test} == truth

@@ -129,6 +129,19 @@ def _simple(cuts, cfg: DataConfig, **kw):
 SAMPLER_FACTORIES = {"bucketing": _bucketing, "simple": _simple}
 
 
+def cuts_by_accent(cuts) -> dict[str, object]:
+    """One CutSet per accent label (supervision.language; AISHELL's "Chinese" -> "Mandarin")."""
+    from lhotse import CutSet
+
+    from hdmole.data.accents import LABEL_ALIASES
+
+    groups: dict[str, list] = {}
+    for cut in cuts:
+        label = cut.supervisions[0].language if cut.supervisions else None
+        groups.setdefault(LABEL_ALIASES.get(label, label) or "unknown", []).append(cut)
+    return {label: CutSet.from_cuts(items) for label, items in sorted(groups.items())}
+
+
 def load_cuts(path: str | Path):
     from lhotse import load_manifest_lazy
 

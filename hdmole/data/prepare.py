@@ -160,23 +160,18 @@ def check_kaldi_alignment(part_dir: Path) -> list[tuple[int, str, str]]:
     return reference
 
 
-def audio_problem(path: Path) -> str | None:
-    """None if the wav is usable; else the reason ("missing_audio", "corrupt_audio", "empty_audio")."""
+def audio_problem(path: Path) -> tuple[str | None, int]:
+    """(None, sample rate) if the wav is usable, else (reason, 0): "missing_audio",
+    "corrupt_audio" (unreadable) or "empty_audio" (no samples)."""
     import soundfile as sf
 
     if not path.is_file():
-        return "missing_audio"
+        return "missing_audio", 0
     try:
         info = sf.info(str(path))
     except Exception:  # soundfile raises several types for unreadable files
-        return "corrupt_audio"
-    return "empty_audio" if info.frames == 0 else None
-
-
-def _sample_rate(path: Path) -> int:
-    import soundfile as sf
-
-    return int(sf.info(str(path)).samplerate)
+        return "corrupt_audio", 0
+    return ("empty_audio", 0) if info.frames == 0 else (None, int(info.samplerate))
 
 
 def check_audio(items: Iterable[AudioItem], skip_bad: bool, report: PrepReport, split_of: Callable[[str], str],
@@ -188,9 +183,9 @@ def check_audio(items: Iterable[AudioItem], skip_bad: bool, report: PrepReport, 
     with ThreadPoolExecutor(max(1, num_jobs)) as pool:
         problems = list(pool.map(lambda it: audio_problem(it.path), items))
     bad, resample = set(), set()
-    for item, problem in zip(items, problems):
+    for item, (problem, sample_rate) in zip(items, problems):
         if problem is None:
-            if _sample_rate(item.path) != SAMPLE_RATE:
+            if sample_rate != SAMPLE_RATE:
                 resample.add(item.utt_id)
             continue
         message = f"{problem.replace('_', ' ')}: {item.path} (referenced at {item.where})"

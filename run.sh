@@ -16,7 +16,8 @@ model=tiny         # conf/model/<model>.yaml: tiny (built here) | paper (local r
 adapter=hdmole     # conf/adapter/<adapter>.yaml; base = no adaptation
 exp_tag=""         # experiment root exp/<tag>; default <corpus>_<size>_<model>
 nj=2               # parallel jobs for data preparation
-ngpu=0             # 0: CPU (or one GPU if present); N > 1: torchrun with N processes
+ngpu=0             # 0: CPU (or one GPU if present); N > 1: torchrun with N processes per node
+nnodes=1           # nodes; > 1: torchrun on every node with MASTER_ADDR, MASTER_PORT, NODE_RANK set
 train_base=auto    # auto: train the base in stage 2 unless a finished one is up to date | true: retrain | false: reuse
 seed=0             # synthetic corpus seed
 lm_text_steps=auto # tiny LM text pre-training steps in stage 1 (auto: 0 for ci, 100 otherwise)
@@ -34,7 +35,11 @@ help_message="Usage: $0 [options]
   --adapter PRESET             conf/adapter/<PRESET>.yaml (default: hdmole; base = no adaptation)
   --exp-tag TAG                experiment root exp/TAG
   --nj N                       data preparation jobs (default 2)
-  --ngpu N                     GPUs (torchrun when N > 1; default 0 = CPU or the one GPU)
+  --ngpu N                     GPUs per node (torchrun when N > 1; default 0 = CPU or the one GPU;
+                               without GPUs N > 1 starts N gloo processes on the CPU)
+  --nnodes N                   nodes (default 1); N > 1: run stages 2-3 on every node with
+                               MASTER_ADDR, MASTER_PORT (default 29500) and NODE_RANK (0..N-1) set
+                               and exp/ on a shared file system (docs/scaling.md)
   --train-base auto|true|false train the base model in stage 2 (auto: unless one exists)
   --seed N                     synthetic corpus seed (default 0)
   --lm-text-steps N|auto       tiny LM text pre-training steps (auto: 0 for ci, else 100)
@@ -59,6 +64,19 @@ one_of "${train_base}" auto true false || die "--train-base ${train_base}: choos
 [[ "${stage}" =~ ^[0-9]+$ && "${stop_stage}" =~ ^[0-9]+$ ]] || die "--stage/--stop-stage must be integers"
 [[ "${nj}" =~ ^[1-9][0-9]*$ ]] || die "--nj ${nj}: a positive integer"
 [[ "${ngpu}" =~ ^[0-9]+$ ]] || die "--ngpu ${ngpu}: a non-negative integer"
+[[ "${nnodes}" =~ ^[1-9][0-9]*$ ]] || die "--nnodes ${nnodes}: a positive integer"
+# Training launcher: plain python for one process, torchrun otherwise (DDP/FSDP, train.parallel).
+train_cmd=(python -m hdmole.bin.train)
+if [ "${nnodes}" -gt 1 ]; then
+    [ "${ngpu}" -ge 1 ] || die "--nnodes ${nnodes} needs --ngpu N >= 1 (processes per node)"
+    [ -n "${MASTER_ADDR:-}" ] || die "--nnodes ${nnodes}: set MASTER_ADDR (host name of the node with NODE_RANK=0)"
+    [[ "${NODE_RANK:-}" =~ ^[0-9]+$ ]] && [ "${NODE_RANK}" -lt "${nnodes}" ] \
+        || die "--nnodes ${nnodes}: set NODE_RANK to this node's index, 0..$(( nnodes - 1 ))"
+    train_cmd=(torchrun --nnodes "${nnodes}" --node-rank "${NODE_RANK}" --nproc-per-node "${ngpu}"
+               --master-addr "${MASTER_ADDR}" --master-port "${MASTER_PORT:-29500}" -m hdmole.bin.train)
+elif [ "${ngpu}" -gt 1 ]; then
+    train_cmd=(torchrun --standalone --nproc-per-node "${ngpu}" -m hdmole.bin.train)
+fi
 [ -f "conf/model/${model}.yaml" ] || die "--model ${model}: no conf/model/${model}.yaml"
 [ -f "conf/adapter/${adapter}.yaml" ] || die "--adapter ${adapter}: no conf/adapter/${adapter}.yaml ($(ls conf/adapter | sed 's/.yaml//' | tr '\n' ' '))"
 
@@ -95,11 +113,6 @@ else
 fi
 if [ "${model}" = tiny ]; then
     common_overrides+=("model.encoder_dir=${data_root}/tiny/whisper" "model.llm_dir=${data_root}/tiny/qwen")
-fi
-
-train_cmd=(python -m hdmole.bin.train)
-if [ "${ngpu}" -gt 1 ]; then
-    train_cmd=(torchrun --standalone --nproc-per-node "${ngpu}" -m hdmole.bin.train)
 fi
 
 # run_stage MARKER KEY CMD...: run CMD unless MARKER holds KEY; write MARKER only on success.

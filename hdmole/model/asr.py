@@ -196,7 +196,7 @@ class LLMASR(nn.Module):
                 embeds = self._embed(layout, speech, n_speech)
                 hidden = self.llm.get_decoder()(
                     inputs_embeds=embeds, attention_mask=layout.attention_mask.to(self.device),
-                    position_ids=layout.position_ids.to(self.device)).last_hidden_state
+                    position_ids=layout.position_ids.to(self.device), use_cache=False).last_hidden_state
                 labels = layout.labels[:, 1:].to(self.device)
                 predict = labels != IGNORE_INDEX
                 # Project only the answer positions to the vocabulary (a 7B vocab is 152k wide).

@@ -43,19 +43,22 @@ def _safetensors_files(path: Path) -> list[Path]:
 def _read_encoder_state(path: Path) -> dict[str, torch.Tensor]:
     """The encoder's tensors from any Whisper checkpoint layout, prefix stripped."""
     files = _safetensors_files(path)
-    keys = {}
+    keys_by_file = {}
     for f in files:
         with safe_open(f, framework="pt") as reader:
-            for k in reader.keys():
-                keys[k] = f
-    prefix = next((p for p in _ENCODER_PREFIXES if p + "conv1.weight" in keys), None)
+            keys_by_file[f] = list(reader.keys())
+    all_keys = {k for keys in keys_by_file.values() for k in keys}
+    prefix = next((p for p in _ENCODER_PREFIXES if p + "conv1.weight" in all_keys), None)
     if prefix is None:
         raise ValueError(f"{path}: no Whisper encoder weights found (looked for conv1.weight under prefixes {_ENCODER_PREFIXES})")
+
+    def wanted(key: str) -> bool:
+        return key.startswith(prefix) and not (prefix == "" and key.startswith(("decoder.", "model.", "proj_out")))
+
     state = {}
-    for k, f in keys.items():
-        if k.startswith(prefix) and not (prefix == "" and k.startswith(("decoder.", "model.", "proj_out"))):
-            with safe_open(f, framework="pt") as reader:
-                state[k[len(prefix):]] = reader.get_tensor(k)
+    for f, keys in keys_by_file.items():
+        with safe_open(f, framework="pt") as reader:
+            state.update({k[len(prefix):]: reader.get_tensor(k) for k in keys if wanted(k)})
     return state
 
 

@@ -338,8 +338,27 @@ def test_static_stepper_matches_dynamic_stepper(model):
             static.reorder(rows)
         torch.testing.assert_close(dynamic.step(tokens), static.step(tokens), atol=1e-5, rtol=1e-4)
     batch = make_batch([150, 90], seed=13)
-    assert (model.transcribe(batch, max_new_tokens=10, decode_backend="static")
-            == model.transcribe(batch, max_new_tokens=10, decode_backend="dynamic"))
+    reference = model.transcribe(batch, max_new_tokens=10, decode_backend="dynamic")
+    assert model.transcribe(batch, max_new_tokens=10, decode_backend="static") == reference
+    assert model.transcribe(batch, num_beams=2, max_new_tokens=6, decode_backend="static") == \
+        model.transcribe(batch, num_beams=2, max_new_tokens=6, decode_backend="dynamic")
+
+
+@pytest.mark.parametrize("broken", ["_step_body", "_allocate"])
+def test_static_stepper_falls_back_to_generic_decoding(model, monkeypatch, broken, caplog):
+    from hdmole.model.decoding import StaticLMStepper
+
+    batch = make_batch([150, 90], seed=13)
+    greedy = model.transcribe(batch, max_new_tokens=10, decode_backend="dynamic")
+    beam = model.transcribe(batch, num_beams=2, max_new_tokens=6, decode_backend="dynamic")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("simulated")
+
+    monkeypatch.setattr(StaticLMStepper, broken, fail)
+    assert model.transcribe(batch, max_new_tokens=10, decode_backend="static") == greedy
+    assert model.transcribe(batch, num_beams=2, max_new_tokens=6, decode_backend="static") == beam
+    assert "simulated" in caplog.text
 
 
 @pytest.mark.gpu

@@ -7,10 +7,13 @@ repetition guard that ends a hypothesis whose tail is one n-gram repeated `max_r
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+
+log = logging.getLogger(__name__)
 
 
 def _cache_kwarg(llm: PreTrainedModel) -> str:
@@ -87,9 +90,19 @@ class StaticLMStepper(LMStepper):
 
     def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         logits = super().prefill(embeds, attention_mask, position_ids)
+        self.use_generic = False
+        try:
+            self._allocate(attention_mask)
+        except Exception as err:  # noqa: BLE001 - e.g. another transformers cache layout
+            log.warning("static KV cache unavailable (%s); using the generic DynamicCache stepper", err)
+            self.use_generic = True
+        return logits
+
+    def _allocate(self, attention_mask: torch.Tensor) -> None:
+        """Static buffers sized for the prompt plus max_new_tokens, filled from the prefill cache."""
         rows, prompt = attention_mask.shape
         capacity = prompt + self.max_new_tokens + 1
-        device = embeds.device
+        device = attention_mask.device
         self.keys, self.values = [], []
         for i in range(len(self.llm.model.layers)):
             k, v = _cache_kv(self.cache, i)
@@ -99,14 +112,13 @@ class StaticLMStepper(LMStepper):
             vbuf[:, :, :prompt] = v
             self.keys.append(kbuf)
             self.values.append(vbuf)
-        del self.cache
+        # The DynamicCache is kept until the first fast step has worked (fallback, see step()).
         self.mask = torch.zeros((rows, capacity), dtype=torch.bool, device=device)
         self.mask[:, :prompt] = attention_mask.bool()
         self.write_at = torch.tensor([prompt], dtype=torch.long, device=device)
         self.position = self.next_position.clone()
         self.token = torch.zeros(rows, dtype=torch.long, device=device)
         self.graph = None
-        return logits
 
     def _step_body(self) -> torch.Tensor:
         """One token for every row; reads/writes only the static buffers."""
@@ -137,30 +149,66 @@ class StaticLMStepper(LMStepper):
         return logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.use_generic:
+            return super().step(tokens)
         self.token.copy_(tokens)
-        if not (self.cuda_graph and self.token.is_cuda):
-            return self._step_body()
-        if self.graph is None:
-            self._capture()
-        self.graph.replay()
-        return self.logits_out
+        if hasattr(self, "cache"):
+            return self._first_step(tokens)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits_out
+        return self._step_body()
+
+    def _first_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Capture (CUDA) or run the fast step; on any failure fall back, once, to the generic
+        stepper (CUDA graph -> eager fast step -> DynamicCache), so decoding never breaks."""
+        state = self._state()
+        if self.cuda_graph and self.token.is_cuda:
+            try:
+                self._capture()
+                self.graph.replay()
+                del self.cache
+                return self.logits_out
+            except Exception as err:  # noqa: BLE001 - any capture failure has the same remedy
+                log.warning("CUDA graph capture of the decode step failed (%s); decoding without it", err)
+                self.graph, self.cuda_graph = None, False
+                self._restore(state)
+        try:
+            logits = self._step_body()
+        except Exception as err:  # noqa: BLE001
+            log.warning("fast decode step failed (%s); using the generic DynamicCache stepper", err)
+            self.use_generic = True
+            return super().step(tokens)
+        del self.cache
+        return logits
+
+    def _state(self) -> tuple[torch.Tensor, ...]:
+        return self.mask.clone(), self.write_at.clone(), self.position.clone()
+
+    def _restore(self, state: tuple[torch.Tensor, ...]) -> None:
+        for buf, saved in zip((self.mask, self.write_at, self.position), state):
+            buf.copy_(saved)
 
     def _capture(self) -> None:
-        # Warm up on a side stream (required before capture), then undo the warm-up's writes.
-        saved = (self.mask.clone(), self.write_at.clone(), self.position.clone())
+        # Warm up on a side stream (required before capture), then undo the warm-up's writes;
+        # capturing records the step without running it.
+        state = self._state()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self._step_body()
         torch.cuda.current_stream().wait_stream(stream)
-        self.mask.copy_(saved[0]); self.write_at.copy_(saved[1]); self.position.copy_(saved[2])
+        self._restore(state)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits_out = self._step_body()
-        # Capture records but does not run the step: the state is still the pre-step state.
-        self.mask.copy_(saved[0]); self.write_at.copy_(saved[1]); self.position.copy_(saved[2])
+        self._restore(state)
 
     def reorder(self, rows: torch.Tensor) -> None:
+        if hasattr(self, "cache"):  # before the first step both caches are live
+            super().reorder(rows)
+        if self.use_generic:
+            return
         for buf in (*self.keys, *self.values):
             buf.copy_(buf.index_select(0, rows))
         self.mask.copy_(self.mask.index_select(0, rows))

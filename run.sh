@@ -20,7 +20,7 @@ ngpu=0             # 0: CPU (or one GPU if present); N > 1: torchrun with N proc
 nnodes=1           # nodes; > 1: torchrun on every node with MASTER_ADDR, MASTER_PORT, NODE_RANK set
 train_base=auto    # auto: train the base in stage 2 unless a finished one is up to date | true: retrain | false: reuse
 seed=0             # synthetic corpus seed
-lm_text_steps=auto # tiny LM text pre-training steps in stage 1 (auto: 0 for ci, 100 otherwise)
+lm_text_steps=0    # tiny LM text pre-training steps in stage 1 (2 CPU cores: ~0.3-2 s each)
 base_args=""       # Hydra overrides for the base model training (stage 2)
 train_args=""      # Hydra overrides for the adaptation (stage 3), e.g. "train.lr=5e-4 adapter.rank=4"
 decode_args=""     # Hydra overrides for decoding (stage 4), e.g. "decode.num_beams=4"
@@ -42,7 +42,7 @@ help_message="Usage: $0 [options]
                                and exp/ on a shared file system (docs/scaling.md)
   --train-base auto|true|false train the base model in stage 2 (auto: unless one exists)
   --seed N                     synthetic corpus seed (default 0)
-  --lm-text-steps N|auto       tiny LM text pre-training steps (auto: 0 for ci, else 100)
+  --lm-text-steps N            tiny LM text pre-training steps in stage 1 (default 0)
   --base-args \"k=v ...\"        Hydra overrides for stage 2
   --train-args \"k=v ...\"       Hydra overrides for stage 3
   --decode-args \"k=v ...\"      Hydra overrides for stage 4
@@ -89,6 +89,7 @@ fi
 if [ "${corpus}" = synthetic ]; then
     corpus_tag="synthetic_${size}"
     data_preset=synthetic
+    [ -f "conf/data/synthetic_${size}.yaml" ] && data_preset="synthetic_${size}"  # e.g. small batches for ci
 else
     corpus_tag="kespeech"
     data_preset=real
@@ -131,6 +132,14 @@ run_stage() {
     mv "${marker}.tmp" "${marker}"
 }
 
+# Stages 2-4 are also keyed on the YAML presets they compose, so that an edited preset redoes
+# them (and only them: editing an adapter preset does not retrain the base).
+conf_hash() { echo "conf=$(cat "$@" | sha256sum | cut -c1-12)"; }
+data_confs=(conf/config.yaml conf/data/*.yaml "conf/model/${model}.yaml")
+base_hash="$(conf_hash "${data_confs[@]}" conf/train/base.yaml conf/train/paper.yaml conf/experiment/base_*.yaml)"
+adapt_hash="$(conf_hash "${data_confs[@]}" "conf/adapter/${adapter}.yaml" conf/train/adapt.yaml conf/experiment/adapt.yaml)"
+decode_hash="$(conf_hash conf/decode/*.yaml)"
+
 want() { [ "${stage}" -le "$1" ] && [ "${stop_stage}" -ge "$1" ]; }
 
 stage_time() { log "stage $1 done in $(( SECONDS - $2 )) s"; }
@@ -152,10 +161,6 @@ if want 1; then
     run_stage "${data_root}/.done/stage1" "cuts $(cat "${data_root}/.done/stage0" 2>/dev/null)" \
         python -m hdmole.bin.prepare cuts "${common_overrides[@]}"
     if [ "${model}" = tiny ]; then
-        if [ "${lm_text_steps}" = auto ]; then
-            lm_text_steps=100
-            [ "${size}" = ci ] && [ "${corpus}" = synthetic ] && lm_text_steps=0
-        fi
         run_stage "${data_root}/.done/stage1_tiny" "tiny text_steps=${lm_text_steps} $(cat "${data_root}/.done/stage1")" \
             python -m hdmole.bin.prepare tiny --text-steps "${lm_text_steps}" "${common_overrides[@]}"
     fi
@@ -174,7 +179,7 @@ if want 2; then
         [ -f "${base_dir}/model/done" ] || die "--train-base false but no finished base model in ${base_dir}"
         log "using the existing base model in ${base_dir}"
     elif [ "${model}" = tiny ]; then
-        key="$(cat "${data_root}/.done/stage1_tiny" 2>/dev/null) ${base_args}"
+        key="$(cat "${data_root}/.done/stage1_tiny" 2>/dev/null) ${base_hash} ${base_args}"
         # (a) encoder + CTC head; (b) encoder frozen, projector + LLM (staged: environment.md).
         # shellcheck disable=SC2086
         run_stage "${exp_root}/.done/stage2_encoder" "${key}" "${train_cmd[@]}" "${common_overrides[@]}" \
@@ -184,7 +189,7 @@ if want 2; then
             experiment=base_llm "exp_dir=${base_dir}" "train.init_from=${exp_root}/base_model_encoder" ${base_args}
     else
         # shellcheck disable=SC2086
-        run_stage "${exp_root}/.done/stage2" "$(cat "${data_root}/.done/stage1" 2>/dev/null) ${base_args}" \
+        run_stage "${exp_root}/.done/stage2" "$(cat "${data_root}/.done/stage1" 2>/dev/null) ${base_hash} ${base_args}" \
             "${train_cmd[@]}" "${common_overrides[@]}" experiment=base_projector "exp_dir=${base_dir}" ${base_args}
     fi
     stage_time 2 "${t0}"
@@ -196,7 +201,7 @@ if want 3; then
     log "stage 3: adaptation adapter=${adapter} (${adapt_dir})"
     [ -f "${base_dir}/model/done" ] || die "no finished base model in ${base_dir}: run stage 2"
     # shellcheck disable=SC2086
-    run_stage "${exp_root}/.done/stage3_${adapter}" "$(cat "${base_dir}/model/done") ${train_args}" \
+    run_stage "${exp_root}/.done/stage3_${adapter}" "$(cat "${base_dir}/model/done") ${adapt_hash} ${train_args}" \
         "${train_cmd[@]}" "${common_overrides[@]}" experiment=adapt "adapter=${adapter}" \
         "exp_dir=${adapt_dir}" "train.init_from=${base_dir}" ${train_args}
     stage_time 3 "${t0}"
@@ -207,7 +212,7 @@ if want 4; then
     t0=${SECONDS}
     log "stage 4: decoding every test set (${adapt_dir}/decode)"
     # shellcheck disable=SC2086
-    run_stage "${exp_root}/.done/stage4_${adapter}" "$(cat "${adapt_dir}/model/done" 2>/dev/null) ${decode_args}" \
+    run_stage "${exp_root}/.done/stage4_${adapter}" "$(cat "${adapt_dir}/model/done" 2>/dev/null) ${decode_hash} ${decode_args}" \
         python -m hdmole.bin.decode "exp_dir=${adapt_dir}" ${decode_args}
     stage_time 4 "${t0}"
 fi

@@ -174,15 +174,17 @@ def bench_decode(model: LLMASR, batch: Batch, scale: Scale, device: torch.device
         # Exactly n tokens per row: EOS is an (unused) last vocabulary row, forced at step n.
         rules = StoppingRules(vocab - 1, model.prompts.pad_id, torch.full((b,), n, device=device), max_repeats=0)
         for backend in ("static", "dynamic"):
-            produced = []
+            produced, steppers = [], []
 
             def run() -> None:
-                out = greedy_search(make_stepper(model.llm, backend, n + 1), embeds, am, pos, rules)
+                steppers.append(make_stepper(model.llm, backend, n + 1))
+                out = greedy_search(steppers[-1], embeds, am, pos, rules)
                 produced.append(sum(len(r) for r in out))
 
             seconds = timed(run, scale.decode_repeats, device)
             row = {"what": "greedy_decode", "backend": backend, "batch": b, "new_tokens": n,
-                   "tokens_per_s": round(produced[-1] / seconds, 1), "ms_per_call": round(seconds * 1000, 1)}
+                   "tokens_per_s": round(produced[-1] / seconds, 1), "ms_per_call": round(seconds * 1000, 1),
+                   "path": getattr(steppers[-1], "path", "generic")}
             rows.append(row)
             print(row, flush=True)
 
@@ -222,7 +224,7 @@ def check_static_stepper(model: LLMASR, batch: Batch, device: torch.device, step
         agree.append(float((a.argmax(-1) == b.argmax(-1)).float().mean()))
         worst = max(worst, float((a.float() - b.float()).abs().max() / a.float().abs().max()))
         a, b = generic.step(token), fast.step(token)
-    row = {"what": "check_static_vs_dynamic_logits", "batch": len(batch), "steps": steps,
+    row = {"what": "check_static_vs_dynamic_logits", "batch": len(batch), "steps": steps, "fast_path": fast.path,
            "max_rel_diff": round(worst, 5), "argmax_agreement": round(sum(agree) / len(agree), 4)}
     print(row, flush=True)
     return row

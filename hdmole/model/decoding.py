@@ -182,6 +182,11 @@ class StaticLMStepper(LMStepper):
         del self.cache
         return logits
 
+    @property
+    def path(self) -> str:
+        """Which step ran: "cuda_graph", "eager" (fast step without graph) or "generic" (fallback)."""
+        return "generic" if self.use_generic else ("cuda_graph" if self.graph is not None else "eager")
+
     def _state(self) -> tuple[torch.Tensor, ...]:
         return self.mask.clone(), self.write_at.clone(), self.position.clone()
 

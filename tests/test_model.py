@@ -366,6 +366,14 @@ def test_static_stepper_falls_back_to_generic_decoding(model, monkeypatch, broke
 def test_cuda_graph_decoding_equals_generic_decoding_on_gpu(tiny_dirs):
     batch = make_batch([230, 96, 150, 57], seed=3)
     m = LLMASR.from_config(make_config(tiny_dirs, dtype="float32"), device="cuda").eval()
+    from hdmole.model.decoding import StaticLMStepper
+    stepper = StaticLMStepper(m.llm, max_new_tokens=4)
+    layout = m.prompts.layout([3, 5])
+    with torch.no_grad():
+        stepper.prefill(m.llm.get_input_embeddings()(layout.token_ids.cuda()), layout.attention_mask.cuda(),
+                        layout.position_ids.cuda())
+        stepper.step(torch.tensor([1, 2], device="cuda"))
+    assert stepper.path == "cuda_graph"  # no silent fallback on the GPU
     fast = m.transcribe(batch, max_new_tokens=12, max_repeats=0, decode_backend="static")
     assert fast == m.transcribe(batch, max_new_tokens=12, max_repeats=0, decode_backend="dynamic")
     assert m.transcribe(batch, num_beams=3, max_new_tokens=8, decode_backend="static") == \

@@ -21,7 +21,7 @@ import torch
 from hdmole.train.checkpoint import load_checkpoint
 from hdmole.train.logger import read_log
 from hdmole.train.loop import LAST, Trainer
-from test_distributed import make_batch, toy, train_cfg
+from test_distributed import make_batch, one_thread, toy, train_cfg  # noqa: F401  (autouse fixture)
 
 N_BATCHES = 5  # micro-batches per epoch: odd, so accumulation windows cross epoch ends
 

@@ -50,7 +50,10 @@ def make_loader(cfg, cuts_path: Path, num_mel_bins: int, train: bool, info: Dist
         raise FileNotFoundError(f"{cuts_path} missing: run stage 1 (cut sets)")
     loader = make_dataloader(cuts_path, cfg.data, num_mel_bins, shuffle=train if shuffle is None else shuffle,
                              rank=info.rank, world_size=info.world_size, seed=cfg.train.seed,
-                             drop_last=train and info.enabled)
+                             drop_last=False)
+    # drop_last=False also under DDP: lhotse's bucketing sampler drops every bucket's partial
+    # batch, on a small corpus all of them (0 batches on the ci corpus); the loop ends an epoch
+    # on all ranks when any rank runs out (hdmole.train.distributed.any_rank), so no hang.
     if train:
         loader.sampler.set_epoch(epoch)
     return loader

@@ -80,7 +80,7 @@ def checkpoint_bytes(params: list[torch.Tensor]) -> int:
 
 def remove_stale_temporaries(directory: Path) -> list[Path]:
     """Delete temporary files of saves that never finished (a killed run): never loaded, only
-    taking space (at 7B full fine-tuning one is ~80 GB)."""
+    taking space (at 7B full fine-tuning one is ~90 GB)."""
     stale = sorted(directory.glob(".*.tmp-*")) if directory.is_dir() else []
     for path in stale:
         path.unlink(missing_ok=True)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+pytestmark = pytest.mark.filterwarnings("ignore:You are using DynamicBucketingSampler with an eagerly read CutSet")
 from torch import nn
 
 from hdmole.batch import Batch

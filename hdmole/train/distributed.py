@@ -4,11 +4,15 @@ A plain `python -m hdmole.bin.train` run is world size 1 and never initialises a
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # Rank 0 validates (decodes the dev set) alone while the others wait in a collective:
+        # NCCL's default 10-minute watchdog would kill a long validation. A rank that fails
+        # still ends the job at once (torchrun stops the others).
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return info
 
 

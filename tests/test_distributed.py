@@ -266,6 +266,20 @@ def test_every_preset_uses_all_trainable_parameters(tmp_path):
             assert not unused, (overrides, unused)
 
 
+@pytest.mark.parametrize("env,args,msg", [
+    ({}, ["--nnodes", "2", "--ngpu", "8"], "set MASTER_ADDR"),
+    ({"MASTER_ADDR": "node1"}, ["--nnodes", "2", "--ngpu", "8"], "set NODE_RANK to this node's index, 0..1"),
+    ({"MASTER_ADDR": "node1", "NODE_RANK": "2"}, ["--nnodes", "2", "--ngpu", "8"], "0..1"),
+    ({"MASTER_ADDR": "node1", "NODE_RANK": "0"}, ["--nnodes", "2"], "needs --ngpu N >= 1"),
+    ({}, ["--nnodes", "0"], "--nnodes 0: a positive integer"),
+])
+def test_run_sh_multi_node_settings_checked_before_any_stage(env, args, msg):
+    clean = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "NODE_RANK")}
+    proc = subprocess.run([str(ROOT / "run.sh"), "--skip-setup", "true", *args], cwd="/", env={**clean, **env},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and msg in proc.stderr, proc.stderr
+
+
 def test_paper_scale_smoke_tiny_mode(tmp_path):
     """bench/paper_scale_smoke.py --tiny: the GPU smoke's code path on the CPU (trains, decodes,
     reports). The paper-scale run itself needs a GPU (docs/scaling.md)."""

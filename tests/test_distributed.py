@@ -140,12 +140,15 @@ def worker(out: Path) -> None:
                               dist_info=info)
             st = trainer.fit()
             results[parallel] = {"step": st.step, "param_type": type(trainer.model.head.weight).__name__}
-        # FSDP resume: 2 steps, then a new process state (fresh model) continues to 4.
-        Trainer(toy(), train_cfg(parallel="fsdp", max_steps=2), out / "fsdp_resume", lambda e: shard_batches(rank),
-                dist_info=info).fit()
-        st = Trainer(toy(), train_cfg(parallel="fsdp"), out / "fsdp_resume", lambda e: shard_batches(rank),
-                     dist_info=info).fit()
-        results["fsdp_resume"] = {"step": st.step}
+        # Resume: 2 steps, then a fresh model and trainer continue from last.pt to step 4.
+        for parallel in ("ddp", "fsdp"):
+            name = f"{parallel}_resume"
+            Trainer(toy(), train_cfg(parallel=parallel, max_steps=2), out / name, lambda e: shard_batches(rank),
+                    dist_info=info).fit()
+            torch.manual_seed(99)  # another init: only the loaded checkpoint makes it match
+            st = Trainer(Toy(), train_cfg(parallel=parallel), out / name, lambda e: shard_batches(rank),
+                         dist_info=info).fit()
+            results[name] = {"step": st.step}
 
         # Uneven shards: rank 1 runs out 2 batches early in every epoch.
         def uneven(epoch: int):
@@ -192,7 +195,7 @@ def torchrun_results(tmp_path_factory) -> tuple[Path, list[dict]]:
     return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "fsdp_resume"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "ddp_resume", "fsdp_resume"])
 def test_two_processes_equal_one_process_with_doubled_batch(torchrun_results, tmp_path, parallel):
     out, ranks = torchrun_results
     assert ranks[0][parallel]["step"] == ranks[1][parallel]["step"] == 4

@@ -18,7 +18,8 @@ exp_tag=""         # experiment root exp/<tag>; default <corpus>_<size>_<model>
 nj=2               # parallel jobs for data preparation
 ngpu=0             # 0: CPU (or one GPU if present); N > 1: torchrun with N processes per node
 nnodes=1           # nodes; > 1: torchrun on every node with MASTER_ADDR, MASTER_PORT, NODE_RANK set
-train_base=auto    # auto: train the base in stage 2 unless a finished one is up to date | true: retrain | false: reuse
+train_base=auto    # auto: shipped base if it matches the corpus, else train unless up to date | true: retrain | false: reuse
+pretrained=pretrained  # the shipped tiny base (HF layout, docs/base_model.md); "" = never use it
 seed=0             # synthetic corpus seed
 lm_text_steps=0    # tiny LM text pre-training steps in stage 1 (2 CPU cores: ~0.3-2 s each)
 base_args=""       # Hydra overrides for the base model training (stage 2)
@@ -40,7 +41,9 @@ help_message="Usage: $0 [options]
   --nnodes N                   nodes (default 1); N > 1: run stages 2-3 on every node with
                                MASTER_ADDR, MASTER_PORT (default 29500) and NODE_RANK (0..N-1) set
                                and exp/ on a shared file system (docs/scaling.md)
-  --train-base auto|true|false train the base model in stage 2 (auto: unless one exists)
+  --train-base auto|true|false train the base model in stage 2 (auto: use the shipped tiny base
+                               when it matches the corpus version, else train unless one exists)
+  --pretrained DIR             shipped tiny base model (default: pretrained; \"\" = never use it)
   --seed N                     synthetic corpus seed (default 0)
   --lm-text-steps N            tiny LM text pre-training steps in stage 1 (default 0)
   --base-args \"k=v ...\"        Hydra overrides for stage 2
@@ -175,11 +178,28 @@ if want 2; then
         rm -rf "${exp_root}/.done/stage2" "${exp_root}/.done/stage2_encoder" "${base_dir}" \
             "${exp_root}/base_model_encoder"  # retrain from scratch on request
     fi
+    key="$(cat "${data_root}/.done/stage1_tiny" 2>/dev/null) ${base_hash} ${base_args}"
+    corpus_key="$(cat "${data_root}/.done/stage0" 2>/dev/null || true)"
+    use_pretrained=false
+    # The shipped base unless this corpus's own base is trained and up to date (or on request).
+    if [ "${train_base}" = auto ] && [ "${model}" = tiny ] && [ -n "${pretrained}" ] \
+        && [ "$(cat "${exp_root}/.done/stage2" 2>/dev/null)" != "${key}" ] && [ -f "${pretrained}/CORPUS_VERSION" ]; then
+        if python -m hdmole.bin.pretrained matches "${pretrained}" --corpus "${corpus_key}"; then
+            use_pretrained=true
+        else
+            log "shipped base ${pretrained} does not match corpus '${corpus_key}': training the base"
+        fi
+    fi
     if [ "${train_base}" = false ]; then
         [ -f "${base_dir}/model/done" ] || die "--train-base false but no finished base model in ${base_dir}"
         log "using the existing base model in ${base_dir}"
+    elif [ "${use_pretrained}" = true ]; then
+        log "using the shipped base model ${pretrained} ($(cat "${pretrained}/CORPUS_VERSION"))"
+        install_base() { rm -rf "${base_dir}" && python -m hdmole.bin.pretrained install "$@"; }
+        run_stage "${exp_root}/.done/stage2" "pretrained $(cat "${pretrained}"/CORPUS_VERSION "${pretrained}"/*.json \
+            "${pretrained}"/*.safetensors "${pretrained}"/*/*.safetensors | sha256sum | cut -c1-16) ${corpus_key}" \
+            install_base "${pretrained}" "${base_dir}" "${common_overrides[@]}" --corpus "${corpus_key}"
     elif [ "${model}" = tiny ]; then
-        key="$(cat "${data_root}/.done/stage1_tiny" 2>/dev/null) ${base_hash} ${base_args}"
         # (a) encoder + CTC head; (b) encoder frozen, projector + LLM (staged: environment.md).
         # shellcheck disable=SC2086
         run_stage "${exp_root}/.done/stage2_encoder" "${key}" "${train_cmd[@]}" "${common_overrides[@]}" \
@@ -200,9 +220,11 @@ if want 3; then
     t0=${SECONDS}
     log "stage 3: adaptation adapter=${adapter} (${adapt_dir})"
     [ -f "${base_dir}/model/done" ] || die "no finished base model in ${base_dir}: run stage 2"
+    # The base's own encoder/LLM directories and projector shape (a shipped base has its own).
+    mapfile -t base_model_args < <(python -m hdmole.bin.pretrained base-overrides "${base_dir}")
     # shellcheck disable=SC2086
     run_stage "${exp_root}/.done/stage3_${adapter}" "$(cat "${base_dir}/model/done") ${adapt_hash} ${train_args}" \
-        "${train_cmd[@]}" "${common_overrides[@]}" experiment=adapt "adapter=${adapter}" \
+        "${train_cmd[@]}" "${common_overrides[@]}" "${base_model_args[@]}" experiment=adapt "adapter=${adapter}" \
         "exp_dir=${adapt_dir}" "train.init_from=${base_dir}" ${train_args}
     stage_time 3 "${t0}"
 fi

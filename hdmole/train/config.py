@@ -25,6 +25,10 @@ class TrainConfig:
     schedule: str = "cosine"  # see hdmole.train.schedule.SCHEDULES
     warmup_steps: int = 50
     min_lr_ratio: float = 0.05  # final lr = lr * min_lr_ratio for decaying schedules
+    # Decay over whichever budget runs out first: progress = max(step share of max_steps,
+    # elapsed share of max_minutes). A wall-clock-budgeted run (GPU base training, whose step
+    # rate is not known in advance) then still anneals to min_lr by its end.
+    decay_by_time: bool = False
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     accum_steps: int = 1
     # auto: bf16 autocast on CUDA, fp32 on CPU. Explicit: fp32 | bf16.

@@ -118,9 +118,12 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-        self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, cfg.max_steps, cfg.schedule,
-                                         cfg.min_lr_ratio)
         self.state = TrainState()
+        time_progress = None
+        if cfg.decay_by_time and cfg.max_minutes > 0:
+            time_progress = lambda: self.state.elapsed_s / (60 * cfg.max_minutes)  # noqa: E731
+        self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, cfg.max_steps, cfg.schedule,
+                                         cfg.min_lr_ratio, time_progress)
         self._pending_rng: dict | None = None
         self._first_step = True  # of this process (also after a resume)
 

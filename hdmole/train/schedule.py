@@ -16,19 +16,24 @@ SCHEDULES: dict[str, Decay] = {
 }
 
 
-def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak lr for optimiser step `step` (0-based)."""
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float,
+                  time_progress: float = 0.0) -> float:
+    """Multiplier of the peak lr for optimiser step `step` (0-based). `time_progress`: share of
+    a wall-clock budget already used; the decay follows the larger of it and the step share."""
     if schedule not in SCHEDULES:
         raise ValueError(f"train.schedule={schedule!r} unknown; choose one of {sorted(SCHEDULES)}")
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, max(0.0, (step - warmup_steps) / decay_steps))
+    progress = min(1.0, max(0.0, (step - warmup_steps) / decay_steps, time_progress))
     return SCHEDULES[schedule](progress, min_ratio)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, schedule: str,
-                    min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+                    min_ratio: float, time_progress: Callable[[], float] | None = None
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """`time_progress()`: share of the wall-clock budget used so far (decay_by_time), else None."""
     lr_multiplier(0, warmup_steps, total_steps, schedule, min_ratio)  # validates the name early
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps, schedule, min_ratio))
+        optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps, schedule, min_ratio,
+                                              time_progress() if time_progress is not None else 0.0))

@@ -145,8 +145,10 @@ def worker(out: Path) -> None:
             name = f"{parallel}_resume"
             Trainer(toy(), train_cfg(parallel=parallel, max_steps=2), out / name, lambda e: shard_batches(rank),
                     dist_info=info).fit()
-            torch.manual_seed(99)  # another init: only the loaded checkpoint makes it match
-            st = Trainer(Toy(), train_cfg(parallel=parallel), out / name, lambda e: shard_batches(rank),
+            torch.manual_seed(99)  # other trainable weights: only the loaded checkpoint makes them match
+            model = Toy()
+            model.frozen.load_state_dict(toy().frozen.state_dict())  # the "pre-trained" part is the same
+            st = Trainer(model, train_cfg(parallel=parallel), out / name, lambda e: shard_batches(rank),
                          dist_info=info).fit()
             results[name] = {"step": st.step}
 

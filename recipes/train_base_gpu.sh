@@ -30,13 +30,7 @@ exp_tag="${EXP_TAG:-base_gpu_${size}}"
 log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') (train_base_gpu.sh) $*" >&2; }
 
 . ./path.sh
-python - <<'EOF'
-import torch
-print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
-      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
-if torch.cuda.is_available():
-    torch.backends.cuda.matmul.allow_tf32 = True
-EOF
+python -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")' 
 t_start=${SECONDS}
 
 # ---- stages 0-1: corpus, cut sets, tiny checkpoints (LM text pre-training) -----------------
@@ -112,3 +106,6 @@ cp "exp/${exp_tag}_shipped/base/RESULTS.md" "${out}/RESULTS.md"
 [ -f "exp/${exp_tag}_shipped/base/scores.json" ] && cp "exp/${exp_tag}_shipped/base/scores.json" "${out}/scores.json"
 log "shipped base in ${out}: $(du -sh "${out}" | cut -f1); total $(( SECONDS - t_start )) s"
 ls -la "${out}" "${out}/whisper" "${out}/qwen"
+grep '"kind": "valid"' "${out}/train_log_2a_encoder.jsonl" | tail -3
+grep '"kind": "valid"' "${out}/train_log_2b_llm.jsonl" | tail -5
+cat "${out}/RESULTS.md"

@@ -164,6 +164,11 @@ def worker(out: Path) -> None:
                      dist_info=info).fit()
         results["uneven"] = {"step": st.step, "stop_reason": st.stop_reason,
                              "head": model.head.weight.detach().flatten().tolist()}
+        # Learning rate decayed by wall-clock time: ranks must agree on the clock.
+        model = toy()
+        timed = train_cfg(max_steps=10_000, max_minutes=0.02, decay_by_time=True, schedule="cosine", warmup_steps=1)
+        Trainer(model, timed, out / "timed", lambda e: shard_batches(rank), dist_info=info).fit()
+        results["timed"] = {"params": [p.detach().flatten().tolist() for p in model.parameters()]}
         try:
             Trainer(toy(unused=True), train_cfg(), out / "unused", lambda e: shard_batches(rank), dist_info=info).fit()
             results["unused"] = {"error": None}
@@ -229,6 +234,11 @@ def test_uneven_shards_end_the_epoch_together(torchrun_results):
 def test_sampler_shards_are_disjoint_within_an_epoch():
     a, b = (set(itertools.chain.from_iterable(bucketing_shard(r, 2, 0))) for r in range(2))
     assert a and b and not a & b
+
+
+def test_time_decayed_lr_keeps_replicas_identical(torchrun_results):
+    _, ranks = torchrun_results
+    assert ranks[0]["timed"]["params"] == ranks[1]["timed"]["params"]
 
 
 def test_ddp_parameter_without_gradient_names_the_switch(torchrun_results):

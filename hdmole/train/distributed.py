@@ -55,11 +55,16 @@ def cleanup_distributed() -> None:
 def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
     """True when `flag` is true on any rank. Used to end an epoch together when shards are
     uneven (a rank waiting in an all-reduce for a peer that has run out of batches hangs)."""
+    return max_over_ranks(1.0 if flag else 0.0, info, device) > 0
+
+
+def max_over_ranks(value: float, info: DistInfo, device: torch.device) -> float:
+    """The largest `value` of all ranks (e.g. elapsed time: every rank then decides the same)."""
     if not info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return float(t.item())
 
 
 def broadcast_object(obj: object, info: DistInfo) -> object:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from hdmole.train.checkpoint import (CHECKPOINT_FORMAT, atomic_torch_save, check_writable, checkpoint_bytes,
                                      load_checkpoint, remove_stale_temporaries, rng_state, set_rng_state)
 from hdmole.train.config import TrainConfig
-from hdmole.train.distributed import DistInfo, any_rank, barrier, broadcast_object
+from hdmole.train.distributed import DistInfo, any_rank, barrier, broadcast_object, max_over_ranks
 from hdmole.train.logger import TrainLogger
 from hdmole.train.parallel import build_parallel
 from hdmole.train.nan_guard import NonFiniteError, first_nonfinite_grad, first_nonfinite_module
@@ -311,6 +311,8 @@ class Trainer:
                     break
                 values = self._step(micro)
                 st.elapsed_s = time.monotonic() - start
+                if cfg.max_minutes > 0:  # one clock for all ranks: same stop step, same lr (decay_by_time)
+                    st.elapsed_s = max_over_ranks(st.elapsed_s, self.info, self.device)
                 bar.update(1)
                 bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}", refresh=False)
                 for k, v in values.items():
@@ -320,8 +322,7 @@ class Trainer:
                     n = window.pop("n")
                     logger.log("train", st.step, {k: v / n for k, v in window.items()} | {"epoch": st.epoch})
                     window = {}
-                out_of_time = cfg.max_minutes > 0 and any_rank(st.elapsed_s >= 60 * cfg.max_minutes,
-                                                               self.info, self.device)
+                out_of_time = cfg.max_minutes > 0 and st.elapsed_s >= 60 * cfg.max_minutes
                 if st.step >= cfg.max_steps:
                     st.stop_reason = "max_steps"
                 elif out_of_time:

@@ -30,6 +30,7 @@ from hdmole.batch import Batch
 from hdmole.train.checkpoint import load_checkpoint
 from hdmole.train.config import TrainConfig
 from hdmole.train.loop import LAST, Trainer
+from hdmole.train.nan_guard import NonFiniteError
 
 ROOT = Path(__file__).resolve().parents[1]
 MELS, BSZ, N_BATCHES = 4, 3, 4
@@ -174,6 +175,17 @@ def worker(out: Path) -> None:
             results["unused"] = {"error": None}
         except RuntimeError as e:
             results["unused"] = {"error": str(e)}
+        # A non-finite loss on rank 1 only (its 3rd micro-batch): both ranks stop, none hangs.
+        for parallel in ("ddp", "fsdp"):
+            bad = shard_batches(rank)
+            if rank == 1:
+                bad[2].features[0, 0, 0] = float("nan")
+            try:
+                Trainer(toy(), train_cfg(parallel=parallel), out / f"nan_{parallel}", lambda e: bad,
+                        dist_info=info).fit()
+                results[f"nan_{parallel}"] = None
+            except NonFiniteError as e:
+                results[f"nan_{parallel}"] = str(e)
     finally:
         (out / f"rank{rank}.json").write_text(json.dumps(results))
         cleanup_distributed()
@@ -239,6 +251,14 @@ def test_sampler_shards_are_disjoint_within_an_epoch():
 def test_time_decayed_lr_keeps_replicas_identical(torchrun_results):
     _, ranks = torchrun_results
     assert ranks[0]["timed"]["params"] == ranks[1]["timed"]["params"]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_non_finite_loss_on_one_rank_stops_every_rank(torchrun_results, parallel):
+    _, ranks = torchrun_results
+    assert "non-finite loss on another rank at step 2" in ranks[0][f"nan_{parallel}"]
+    layer = "'frozen'" if parallel == "ddp" else "not searched under train.parallel=fsdp"
+    assert "non-finite loss (nan) at step 2" in ranks[1][f"nan_{parallel}"] and layer in ranks[1][f"nan_{parallel}"]
 
 
 def test_ddp_parameter_without_gradient_names_the_switch(torchrun_results):

@@ -195,9 +195,15 @@ class Trainer:
             return self.losses(batch)
 
     def _check_finite(self, loss: torch.Tensor, batch: Any) -> None:
-        if torch.isfinite(loss).all():
+        finite = bool(torch.isfinite(loss).all())
+        # All ranks stop together: one left in the backward's collectives would wait forever.
+        if not any_rank(not finite, self.info, self.device):
             return
-        layer = first_nonfinite_module(self.model, lambda: self._forward(batch))
+        if finite:
+            raise NonFiniteError(f"non-finite loss on another rank at step {self.state.step + 1}: see its error")
+        # The search re-runs the forward on this rank alone: not possible with sharded weights.
+        layer = (first_nonfinite_module(self.model, lambda: self._forward(batch)) if self.parallel.runs_alone
+                 else f"not searched under train.parallel={self.parallel.name}")
         ids = getattr(batch, "ids", None)
         raise NonFiniteError(f"non-finite loss ({loss.item()}) at step {self.state.step + 1}, epoch "
                              f"{self.state.epoch}; first non-finite output in layer "

@@ -33,6 +33,7 @@ class SingleProcess:
     """World size 1: the model as is."""
 
     name = "single"
+    runs_alone = True  # one rank can run a forward without the others (no collectives inside)
 
     def __init__(self, info: DistInfo, find_unused_parameters: bool = False,
                  amp_dtype: torch.dtype | None = None):
@@ -124,6 +125,7 @@ class FullyShardedDataParallel(SingleProcess):
     adapters, heads) lives in the root unit. Parameters become DTensors sharded on dim 0."""
 
     name = "fsdp"
+    runs_alone = False  # every forward all-gathers the shards
 
     def wrap(self, losses: nn.Module, model: nn.Module, device: torch.device) -> nn.Module:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

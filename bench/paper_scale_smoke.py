@@ -85,6 +85,8 @@ def train_steps(model, batch, scale: mt.Scale, device: torch.device, exp_dir: Pa
 def decode(model, batch, scale: mt.Scale, device: torch.device) -> list[dict]:
     """The recipe's batched transcription once (utterances/s), then forced-length greedy decoding
     for tokens/s (bench/model_throughput.py's decode table)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # decoding's own peak, not training's
     sync(device)
     start = time.perf_counter()
     with torch.no_grad():

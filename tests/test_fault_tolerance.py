@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hdmole.train.checkpoint import load_checkpoint
+from hdmole.train.checkpoint import atomic_torch_save, load_checkpoint
 from hdmole.train.logger import read_log
 from hdmole.train.loop import LAST, Trainer
 from test_distributed import make_batch, one_thread, toy, train_cfg  # noqa: F401  (autouse fixture)
@@ -152,7 +152,7 @@ def test_rng_restore_is_what_makes_resume_exact(reference, tmp_path):
     last_b = tmp_path / "b/checkpoints" / LAST
     ckpt = load_checkpoint(last_b)
     ckpt["rng"]["torch"] = torch.Generator().manual_seed(5).get_state()
-    torch.save(ckpt, last_b)
+    atomic_torch_save(ckpt, last_b)  # never in place: the loaded checkpoint maps the file
     finals = {}
     for run in ("a", "b"):
         train(tmp_path / run)

@@ -128,7 +128,7 @@ class FullyShardedDataParallel(SingleProcess):
     runs_alone = False  # every forward all-gathers the shards
 
     def wrap(self, losses: nn.Module, model: nn.Module, device: torch.device) -> nn.Module:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
         # bf16: gather parameters in bf16 (half the traffic), reduce gradients in fp32.
         mp = (MixedPrecisionPolicy(param_dtype=self.amp_dtype, reduce_dtype=torch.float32)
@@ -138,14 +138,14 @@ class FullyShardedDataParallel(SingleProcess):
         for unit in units:
             fully_shard(unit, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
-        self._units = [m for m in model.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
+        self._root = model
+        self._units = [m for m in model.modules() if isinstance(m, FSDPModule)]
         log.info("FSDP2: %d sharded blocks (%s) + root, %d ranks", len(units), ", ".join(sorted(classes)) or "none",
                  self.info.world_size)
         return losses
 
     def gradient_sync(self, wrapped: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
-        model = wrapped.model  # _Losses holds the FSDP root
-        model.set_requires_gradient_sync(sync)
+        self._root.set_requires_gradient_sync(sync)  # sync=False: keep unsharded grads, no reduce-scatter
         return contextlib.nullcontext()
 
     def scalar(self, value: torch.Tensor) -> float:

@@ -158,7 +158,8 @@ def worker(out: Path) -> None:
             ids = bucketing_shard(rank, info.world_size, epoch)
             if rank == 1:
                 ids = ids[:-2]
-            return [make_batch(f"e{epoch}_{i}", zlib.crc32(' '.join(b).encode()), bsz=len(b)) for i, b in enumerate(ids)]
+            return [make_batch(f"e{epoch}_{i}", zlib.crc32(" ".join(b).encode()), bsz=len(b))
+                    for i, b in enumerate(ids)]
 
         model = toy()
         st = Trainer(model, train_cfg(max_steps=1000, max_epochs=2, accum_steps=2), out / "uneven", uneven,

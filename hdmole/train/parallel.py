@@ -87,6 +87,7 @@ class DataParallel(SingleProcess):
         # Every adapter preset and base stage uses all its trainable parameters in every step
         # (tests/test_distributed.py checks each preset), so DDP need not search the graph
         # for unused ones each step; check_gradients catches a model where that is not so.
+        log.info("DDP: %d ranks, find_unused_parameters=%s", self.info.world_size, self.find_unused_parameters)
         # broadcast_buffers off: the only buffers (rotary tables) never change, so rank 0's
         # copy need not be sent before every forward.
         return DDP(losses, device_ids=[device.index] if device.type == "cuda" else None,

@@ -18,6 +18,7 @@ SELECTIONS = ("dense", "topk", "topp", "fixed_threshold", "threshold", "token_th
 GLOBAL_ROUTERS = ("learned", "oracle", "none")
 COMBINATIONS = ("prior", "sum", "local", "global")
 POOLINGS = ("mean", "mean_std")
+COMPILE_MODES = ("auto", "true", "false")
 TAU_HEADROOM = 1.0 - 1.0e-3
 
 
@@ -91,6 +92,12 @@ class AdapterConfig:
     # block closes (CPU) or, on CUDA, without a stream sync at the next block's start or at
     # handle.check_finite(); immediately for layers called outside a block.
     check_finite: bool = True
+    # torch.compile of each layer's routing arithmetic (fused.py): "auto" = compiled on CUDA
+    # while gradients are enabled (training), eager on CPU, in inference and in CUDA-graph
+    # capture (no compiler needed for CI or decoding); "true" = compiled wherever possible;
+    # "false" = always eager. Both paths compute the same values; a compile failure warns
+    # and falls back to eager.
+    compile: str = "auto"
 
     def __post_init__(self) -> None:
         def choice(key: str, allowed: tuple[str, ...]) -> None:
@@ -103,6 +110,9 @@ class AdapterConfig:
         choice("global_router", GLOBAL_ROUTERS)
         choice("combine", COMBINATIONS)
         choice("global_pooling", POOLINGS)
+        if isinstance(self.compile, bool):  # YAML true/false
+            self.compile = "true" if self.compile else "false"
+        choice("compile", COMPILE_MODES)
         if isinstance(self.target_modules, str):
             raise ValueError("adapter.target_modules must be a list of patterns, not a string")
         positive = {"rank": self.rank, "top_k": self.top_k, "global_hidden": self.global_hidden}

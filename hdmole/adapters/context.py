@@ -6,8 +6,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from typing import NamedTuple
+
 from . import losses
 from .statistics import LayerStatistics
+
+# Unchecked CUDA finite flags kept before `check_pending` waits for the oldest one: the
+# stream is normally far past a flag that many blocks old, so the wait costs nothing.
+MAX_PENDING_FLAGS = 4
+
+
+class TokenView(NamedTuple):
+    """What a layer input of shape (*token_shape, d) needs from the routing block; built once
+    per block and token shape, shared by all layers (no per-layer recomputation)."""
+    log_g: Tensor | None          # broadcastable to (*token_shape, E)
+    valid: Tensor | None          # (N,) float in {0, 1}, or None: every token valid
+    token_accents: Tensor | None  # (N,) accent label per token, -1 unknown
+    stat_rows: Tensor             # (N,) int64 statistics row: accent, A unknown, A+1 padding
+    ones: Tensor                  # (N,) float ones (valid when no mask applies)
 
 
 class RoutingState:
@@ -20,7 +36,7 @@ class RoutingState:
         self.statistics_enabled = True
         self.layer_statistics: dict[str, LayerStatistics] = {}
         self.inside = False
-        self.pending_flags: tuple[list[str], Tensor, torch.cuda.Event] | None = None
+        self.pending_flags: list[tuple[list[str], Tensor, torch.cuda.Event]] = []
         self.clear()
 
     def clear(self) -> None:
@@ -31,11 +47,15 @@ class RoutingState:
         self.balance_terms: list[Tensor] = []
         self.z_terms: list[Tensor] = []
         self.finite_flags: list[tuple[str, Tensor]] = []
+        self.views: dict[tuple[tuple[int, ...], bool], TokenView] = {}
 
     def watch_finite(self, where: str, values: Tensor) -> None:
         """Inside a block: keep a device-side flag, checked when the block closes. Outside a
         block: check now."""
-        flag = torch.isfinite(values).all()
+        self.watch_flag(where, torch.isfinite(values).all())
+
+    def watch_flag(self, where: str, flag: Tensor) -> None:
+        """As watch_finite, for an already computed flag (True: all finite)."""
         if self.inside:
             self.finite_flags.append((where, flag))
         elif not bool(flag):
@@ -43,8 +63,9 @@ class RoutingState:
 
     def close_block(self) -> None:
         """Check the block's flags without stalling a CUDA stream: on CUDA the flags are
-        copied to pinned host memory asynchronously and checked by `check_pending` (at the
-        next block's start, or on demand); elsewhere they are checked now."""
+        copied to pinned host memory asynchronously and checked by `check_pending` once
+        their copy has completed (polled at each block's start), or on demand
+        (`check_pending(wait=True)`); elsewhere they are checked now."""
         if not self.finite_flags:
             return
         names = [where for where, _ in self.finite_flags]
@@ -55,17 +76,22 @@ class RoutingState:
             host.copy_(flags, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            self.pending_flags = (names, host, event)
+            self.pending_flags.append((names, host, event))
         else:
             self._raise_for(names, flags.tolist(), "")
 
-    def check_pending(self) -> None:
-        if self.pending_flags is None:
-            return
-        names, host, event = self.pending_flags
-        self.pending_flags = None
-        event.synchronize()
-        self._raise_for(names, host.tolist(), " (found after the routing block that produced it)")
+    def check_pending(self, wait: bool = True) -> None:
+        """Raise for non-finite flags of earlier blocks. wait=False (at a block's start)
+        checks only flags whose copy has finished, plus the oldest ones beyond
+        MAX_PENDING_FLAGS: no stream sync per block."""
+        while self.pending_flags:
+            names, host, event = self.pending_flags[0]
+            if not (wait or len(self.pending_flags) > MAX_PENDING_FLAGS or event.query()):
+                break
+            self.pending_flags.pop(0)
+            event.synchronize()
+            self._raise_for(names, host.tolist(),
+                            " (found after the routing block that produced it)")
 
     @staticmethod
     def _raise_for(names: list[str], ok: list[bool], note: str) -> None:
@@ -76,13 +102,24 @@ class RoutingState:
     def add_layer(self, name: str) -> None:
         self.layer_statistics[name] = LayerStatistics(self.num_experts, self.num_accents)
 
-    def batch_view(self, layer: str, token_shape: tuple[int, ...], needs_global: bool
-                   ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    def batch_view(self, layer: str, token_shape: tuple[int, ...], needs_global: bool,
+                   device: torch.device) -> TokenView:
         """For a layer input of shape (*token_shape, d): log g broadcastable to
-        (*token_shape, E), and flat per-token valid mask and accent labels (or None)."""
+        (*token_shape, E), flat per-token valid mask, accent labels and statistics rows.
+        Cached per block and token shape."""
         if needs_global and (not self.inside or self.log_g is None):
             raise RuntimeError(f"adapter layer {layer!r} routes by accent: call the model "
                                "inside `with handle.routing(accent_features, ...)`")
+        key = (tuple(token_shape), needs_global)
+        view = self.views.get(key) if self.inside else None
+        if view is None:
+            view = self._make_view(layer, tuple(token_shape), device)
+            if self.inside:
+                self.views[key] = view
+        return view
+
+    def _make_view(self, layer: str, token_shape: tuple[int, ...],
+                   device: torch.device) -> TokenView:
         log_g = token_accents = valid = None
         batch = self.log_g.shape[0] if self.log_g is not None else (
             self.labels.shape[0] if self.labels is not None else None)
@@ -92,26 +129,32 @@ class RoutingState:
                 raise ValueError(f"adapter layer {layer!r}: input tokens {token_shape} do not "
                                  f"start with the routing batch size {batch}")
             log_g = self.log_g.view(batch, *([1] * (len(token_shape) - 1)), -1)
+        n = 1
+        for size in token_shape:
+            n *= size
+        a = self.num_accents
         if self.token_mask is not None and tuple(self.token_mask.shape) == tuple(token_shape):
-            valid = self.token_mask.reshape(-1).float()
+            valid = self.token_mask.reshape(-1).to(device, torch.float32)
         if self.labels is not None and matches_batch:
             token_accents = self.labels.view(batch, *([1] * (len(token_shape) - 1)))
-            token_accents = token_accents.expand(token_shape).reshape(-1)
-        return log_g, valid, token_accents
+            token_accents = token_accents.expand(token_shape).reshape(-1).to(device)
+            rows = torch.where(token_accents >= 0, token_accents, a)
+        else:
+            rows = torch.full((n,), a, dtype=torch.long, device=device)
+        if valid is not None:
+            rows = torch.where(valid > 0, rows, a + 1)
+        ones = torch.ones(n, device=device)
+        return TokenView(log_g, valid, token_accents, rows, ones)
 
     def record(self, layer: str, p: Tensor, w: Tensor, tau: Tensor | None,
-               logits: Tensor | None, valid: Tensor | None,
-               token_accents: Tensor | None) -> None:
+               logits: Tensor | None, view: TokenView) -> None:
         """Called by every adapted layer on every forward, with flat (N, E) tensors."""
         if not self.inside:
             return  # outside a routing block: no losses, no statistics
-        if valid is None:
-            valid = p.new_ones(p.shape[0])
+        valid = view.valid if view.valid is not None else view.ones
         if self.want_balance:
             self.balance_terms.append(losses.load_balance(p, w, valid))
         if self.want_z and logits is not None:
             self.z_terms.append(losses.router_z_loss(logits, valid))
         if self.statistics_enabled:
-            if tau is not None and tau.dim() > 0:
-                tau = tau.reshape(-1, 1)
-            self.layer_statistics[layer].record(w, tau, valid, token_accents)
+            self.layer_statistics[layer].record(w, tau, view.stat_rows, valid)

@@ -125,7 +125,7 @@ class AdapterHandle(nn.Module):
             return
         if state.inside:
             raise RuntimeError("handle.routing(...) blocks cannot be nested")
-        state.check_pending()
+        state.check_pending(wait=False)  # no stream sync per block
         state.clear()
         batch = {n: t.shape[0] for n, t in (("accent_features", accent_features),
                                             ("accent_labels", accent_labels),
@@ -194,8 +194,9 @@ class AdapterHandle(nn.Module):
         self.global_statistics.reset()
 
     def check_finite(self) -> None:
-        """Raise now if the last routing block saw non-finite router logits (on CUDA that
-        check is otherwise deferred to the next block, to avoid a stream sync)."""
+        """Raise now if an earlier routing block saw non-finite router logits (on CUDA that
+        check is otherwise deferred to a later block's start, once the flags have reached the
+        host, to avoid a stream sync)."""
         if self.state is not None:
             self.state.check_pending()
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .config import AdapterConfig, ResolvedAdapter
 from .context import RoutingState
+from .fused import run_route_and_gate
 from .routing import Combination, build_combination
 from .selection import Selection, build_selection
 
@@ -86,6 +87,7 @@ class MoLoRALinear(nn.Module):
         self.rank = cfg.rank if routed else cfg.rank * resolved.num_experts
         self.scaling = cfg.alpha / cfg.rank
         self.check_finite = cfg.check_finite
+        self.compile_mode = cfg.compile
         d_in, d_out = base.in_features, base.out_features
         device = base.weight.device
         total_rank = self.num_experts * self.rank
@@ -156,37 +158,31 @@ class MoLoRALinear(nn.Module):
         if self.selection is None:  # plain LoRA
             gated = a * self.scaling
         else:
-            weights = self.route(h[..., total_rank:], x.shape[:-1])
-            gate = (weights * self.scaling).to(a.dtype)
-            gated = (a.unflatten(-1, (self.num_experts, self.rank)) * gate.unsqueeze(-1)).flatten(-2)
+            gated = self.route(a, h[..., total_rank:], x)
         out = torch.addmm(y.reshape(-1, y.shape[-1]), gated.reshape(-1, total_rank),
                           self.lora_B.to(gated.dtype).t())
         return out.view(y.shape)
 
-    def route(self, routing_rows: Tensor, token_shape: torch.Size) -> Tensor:
-        """fp32 routing: local logits (+ threshold logits) -> expert weights (*tokens, E)."""
+    def route(self, a: Tensor, routing_rows: Tensor, x: Tensor) -> Tensor:
+        """Rank activations a (*tokens, E*r) -> gated activations: fp32 routing on the local
+        logits (+ threshold logits) and the global prior, then each expert's rank slice
+        scaled by w_i * alpha/r. The arithmetic runs in `route_and_gate`, compiled or eager
+        (fused.py); losses and statistics are recorded here."""
         assert self.state is not None and self.selection is not None and self.combination is not None
+        view = self.state.batch_view(self.adapter_name, tuple(x.shape[:-1]), self.needs_global,
+                                     x.device)
+        check = self.check_finite and self.router is not None
+        gated, p, weights, tau, logits, finite = run_route_and_gate(
+            self.combination, self.selection, a, routing_rows, view.log_g, self.scaling,
+            self.num_experts, self.rank, check, self.compile_mode)
+        if finite is not None:
+            self.state.watch_flag(f"adapter layer {self.adapter_name!r}", finite)
         e = self.num_experts
-        log_g, valid, token_accents = self.state.batch_view(
-            self.adapter_name, tuple(token_shape), self.needs_global)
-        # fp32 routing for low-precision inputs; float64 inputs stay float64 (references).
-        dtype = torch.promote_types(routing_rows.dtype, torch.float32)
-        logits = extra = None
-        if self.router is not None:
-            logits = routing_rows[..., :e].to(dtype)
-            if self.check_finite:
-                self.state.watch_finite(f"adapter layer {self.adapter_name!r}", logits)
-            routing_rows = routing_rows[..., e:]
-        if self.selection.extra_rows:
-            extra = routing_rows.to(dtype) + self.selection.extra_bias().to(dtype)
-        if log_g is not None:
-            log_g = log_g.to(dtype)
-        p = self.combination(logits, log_g).expand(*token_shape, e)
-        weights, tau = self.selection(p, extra)
-        self.state.record(
-            self.adapter_name, p.reshape(-1, e), weights.reshape(-1, e), tau,
-            logits.reshape(-1, e) if logits is not None else None, valid, token_accents)
-        return weights
+        if tau is not None and tau.dim() > 0:
+            tau = tau.reshape(-1, 1)
+        self.state.record(self.adapter_name, p.reshape(-1, e), weights.reshape(-1, e), tau,
+                          logits.reshape(-1, e) if logits is not None else None, view)
+        return gated
 
     def delta_weight(self, expert_weights: Tensor) -> Tensor:
         """(d_out, d_in) fp64 update sum_i w_i * (alpha/r) B_i A_i for fixed weights (E,)."""

@@ -24,9 +24,11 @@ class LayerStatistics:
     """One adapted layer: number of active experts |S| (mean, histogram, shares of 1 and E),
     threshold, expert load, and per accent the mean routing weight of every expert.
 
-    Everything is one float64 matrix S (accents + 1 "unknown" row) x (E+1 histogram bins,
-    E weights, tau sum, token count), updated per call by one small matrix product: no
-    host sync and a handful of kernels per layer call."""
+    Raw sums only, on the routing tensors' device (no host sync): an int64 histogram of |S|
+    per statistics row (accents, "unknown", and a discard row for padding) filled by one
+    bincount, the routing weights per row by one index_add, and the threshold sum. Rows
+    and counts are per routing block (RoutingState.TokenView), so a layer call costs a
+    handful of kernels; everything else happens in `summary()`."""
 
     def __init__(self, num_experts: int, num_accents: int) -> None:
         self.num_experts = num_experts
@@ -34,54 +36,59 @@ class LayerStatistics:
         self.reset()
 
     def reset(self) -> None:
-        self._sums: Tensor | None = None
+        self._hist: Tensor | None = None    # (A + 2, E + 1) int64: tokens by row and |S|
+        self._weight: Tensor | None = None  # (A + 2, E) float64: summed routing weights
+        self._tau_sum: Tensor | None = None  # () float64 over valid tokens
         self._has_tau = False
 
     @torch.no_grad()
-    def record(self, w: Tensor, tau: Tensor | None, valid: Tensor,
-               token_accents: Tensor | None) -> None:
-        """w (N, E); tau scalar or (N, 1); valid (N,) in {0, 1}; token_accents (N,), -1 unknown."""
+    def record(self, w: Tensor, tau: Tensor | None, rows: Tensor, valid: Tensor) -> None:
+        """w (N, E); tau scalar or (N, 1); rows (N,) int64 statistics row of each token
+        (accent, A = unknown, A + 1 = padding: discarded); valid (N,) float in {0, 1}."""
         e, a = self.num_experts, self.num_accents
-        w = w.double()
-        bins = torch.arange(e + 1, device=w.device)
-        active_one_hot = (w > 0).sum(-1, keepdim=True) == bins
-        tau_column = (tau.double().expand(w.shape[0], 1) if tau is not None
-                      else w.new_zeros(w.shape[0], 1))
-        self._has_tau = self._has_tau or tau is not None
-        features = torch.cat([active_one_hot.double(), w, tau_column,
-                              w.new_ones(w.shape[0], 1)], dim=1)
-        rows = torch.arange(a + 1, device=w.device)
-        if token_accents is None:
-            accent_one_hot = (rows == a).double().expand(w.shape[0], a + 1)
+        slots = rows * (e + 1) + (w > 0).sum(-1)
+        hist = torch.bincount(slots, minlength=(a + 2) * (e + 1)).view(a + 2, e + 1)
+        weight = torch.zeros(a + 2, e, dtype=torch.float64, device=w.device).index_add_(
+            0, rows, w.double())
+        if tau is not None:
+            self._has_tau = True
+            tau_sum = (tau.double().reshape(-1) * valid).sum() if tau.dim() > 0 else (
+                tau.double() * valid.sum())
+            self._tau_sum = tau_sum if self._tau_sum is None else self._tau_sum + tau_sum
+        if self._hist is None:
+            self._hist, self._weight = hist, weight
         else:
-            index = torch.where(token_accents >= 0, token_accents, a)
-            accent_one_hot = (index.unsqueeze(-1) == rows).double()
-        sums = (accent_one_hot * valid.double().unsqueeze(-1)).t() @ features
-        self._sums = sums if self._sums is None else self._sums.to(sums.device) + sums
+            self._hist = self._hist.to(hist.device) + hist
+            self._weight = self._weight.to(weight.device) + weight
 
     def summary(self, current_tau: float | None) -> dict:
         e, a = self.num_experts, self.num_accents
-        sums = (self._sums if self._sums is not None
-                else torch.zeros(a + 1, 2 * e + 3, dtype=torch.float64)).cpu()
-        total = sums.sum(0)
-        tokens = float(total[-1])
-        hist = total[:e + 1].tolist()
+        if self._hist is None:
+            hist_rows = torch.zeros(a + 1, e + 1, dtype=torch.float64)
+            weight_rows = torch.zeros(a + 1, e, dtype=torch.float64)
+        else:  # drop the padding row
+            hist_rows = self._hist[:a + 1].double().cpu()
+            weight_rows = self._weight[:a + 1].cpu()
+        total_hist = hist_rows.sum(0)
+        tokens = float(total_hist.sum())
+        hist = total_hist.tolist()
         sizes = torch.arange(e + 1, dtype=torch.float64)
-        per_accent = sums[:a]
-        accent_tokens = per_accent[:, -1]
+        per_accent = hist_rows[:a]
+        accent_tokens = per_accent.sum(1)
+        tau_sum = float(self._tau_sum) if self._tau_sum is not None else 0.0
         return {
             "tokens": tokens,
-            "active_mean": float(total[:e + 1] @ sizes) / tokens if tokens else None,
+            "active_mean": float(total_hist @ sizes) / tokens if tokens else None,
             "active_histogram": hist,  # index k = number of tokens with |S| = k
             "share_one_active": hist[1] / tokens if tokens and e >= 1 else None,
             "share_all_active": hist[e] / tokens if tokens else None,
             "tau_current": current_tau,
-            "tau_mean": float(total[2 * e + 1]) / tokens if tokens and self._has_tau else None,
-            "expert_load": [v / tokens for v in total[e + 1:2 * e + 1].tolist()] if tokens else None,
+            "tau_mean": tau_sum / tokens if tokens and self._has_tau else None,
+            "expert_load": [v / tokens for v in weight_rows.sum(0).tolist()] if tokens else None,
             "accent_tokens": accent_tokens.tolist(),
-            "accent_expert_weight": _share(per_accent[:, e + 1:2 * e + 1], accent_tokens),
-            "accent_active_mean": _share(per_accent[:, :e + 1] @ sizes, accent_tokens),
-            "accent_active_histogram": per_accent[:, :e + 1].tolist(),
+            "accent_expert_weight": _share(weight_rows[:a], accent_tokens),
+            "accent_active_mean": _share(per_accent @ sizes, accent_tokens),
+            "accent_active_histogram": per_accent.tolist(),
         }
 
 

@@ -1,0 +1,99 @@
+"""The routing arithmetic of one MoLoRALinear call as one pure function, run eagerly or
+through torch.compile (AdapterConfig.compile).
+
+At the paper shape the routing tensors are small ((16384, 8) fp32) and the eager path is
+launch-bound: a dozen tiny kernels forward and as many backward. Compiled (Inductor/Triton on
+CUDA) the whole function becomes one or two fused kernels each way. The arithmetic is the
+same either way; tests compare both paths in float64 (values and gradients).
+
+compile = "auto": compiled on CUDA when gradients are enabled (training), eager otherwise
+(CPU, inference, CUDA-graph capture); "true": compiled wherever possible; "false": eager.
+A compile failure warns once and falls back to eager for the rest of the process.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .routing import Combination
+from .selection import Selection
+# Backend of torch.compile; tests set "aot_eager" (traces and differentiates the graph like
+# Inductor but needs no C++/Triton compiler).
+COMPILE_BACKEND = "inductor"
+
+_compiled: Callable | None = None
+_compile_error: str | None = None
+# Which path the last call took: "compiled", "eager" or "eager (compile failed: ...)".
+last_path: str = "none"
+
+
+def route_and_gate(combination: Combination, selection: Selection, a: Tensor, rows: Tensor,
+                   log_g: Tensor | None, scaling: float, num_experts: int, rank: int,
+                   check_finite: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None,
+                                                Tensor | None, Tensor | None]:
+    """a (*tokens, E*r) rank activations; rows (*tokens, E [+ extra]) the routing rows of the
+    fused product (local logits first, then the selection's extra rows); log_g broadcastable
+    to (*tokens, E). Returns gated activations (a's dtype), p, w (*tokens, E), tau (scalar,
+    (*tokens, 1) or None), fp32 local logits or None, and an all-finite flag of the logits
+    (None unless check_finite)."""
+    e = num_experts
+    # fp32 routing for low-precision inputs; float64 inputs stay float64 (references).
+    dtype = torch.promote_types(rows.dtype, torch.float32)
+    logits = extra = finite = None
+    if combination.needs_local:
+        logits = rows[..., :e].to(dtype)
+        if check_finite:
+            finite = torch.isfinite(logits).all()
+        rows = rows[..., e:]
+    if selection.extra_rows:
+        extra = rows.to(dtype) + selection.extra_bias().to(dtype)
+    if log_g is not None:
+        log_g = log_g.to(dtype)
+    p = combination(logits, log_g)
+    if p.shape[:-1] != a.shape[:-1]:  # utterance-level p (global combination)
+        p = p.expand(*a.shape[:-1], e)
+    w, tau = selection(p, extra)
+    gate = (w * scaling).to(a.dtype)
+    gated = (a.unflatten(-1, (e, rank)) * gate.unsqueeze(-1)).flatten(-2)
+    return gated, p, w, tau, logits, finite
+
+
+def _use_compiled(mode: str, a: Tensor) -> bool:
+    if mode == "false" or _compile_error is not None:
+        return False
+    if a.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False  # never compile inside a CUDA-graph capture
+    if mode == "true":
+        return True
+    return a.is_cuda and torch.is_grad_enabled()
+
+
+def run_route_and_gate(combination: Combination, selection: Selection, a: Tensor, rows: Tensor,
+                       log_g: Tensor | None, scaling: float, num_experts: int, rank: int,
+                       check_finite: bool, mode: str = "auto"):
+    """route_and_gate, compiled or eager according to `mode` (see the module docstring)."""
+    global _compiled, _compile_error, last_path
+    args = (combination, selection, a, rows, log_g, scaling, num_experts, rank, check_finite)
+    if _use_compiled(mode, a):
+        try:
+            if _compiled is None:
+                _compiled = torch.compile(route_and_gate, backend=COMPILE_BACKEND, dynamic=None)
+            out = _compiled(*args)
+            last_path = "compiled"
+            return out
+        except Exception as err:  # noqa: BLE001 - any compiler failure: eager is still exact
+            _compile_error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+            warnings.warn(f"hdmole adapters: torch.compile of the routing failed ({_compile_error}); "
+                          "falling back to eager for this process", RuntimeWarning, stacklevel=2)
+    out = route_and_gate(*args)
+    last_path = "eager" if _compile_error is None else f"eager (compile failed: {_compile_error})"
+    return out
+
+
+def reset_compiled() -> None:
+    """Forget the compiled function and any compile failure (tests, backend changes)."""
+    global _compiled, _compile_error, last_path
+    _compiled, _compile_error, last_path = None, None, "none"

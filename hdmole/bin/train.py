@@ -87,7 +87,8 @@ def make_validate(cfg, model, dev_path: Path, use_ctc: bool) -> tuple[Callable, 
                     break
                 losses.append(float(m(batch).loss))
                 out = m.ctc_transcribe(batch) if use_ctc else m.transcribe(batch, **generation_kwargs(cfg.decode))
-                refs += batch.texts
+                # CTC hypotheses are in the head's units (numbered pinyin for ctc_units=pinyin).
+                refs += [m.ctc_reference(t) for t in batch.texts] if use_ctc else batch.texts
                 hyps += [out[u] for u in batch.ids]
         finally:
             if handle is not None:

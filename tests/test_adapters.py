@@ -544,3 +544,80 @@ def test_cuda_bf16_autocast_matches_cpu_fp32(selection, global_router, combine):
     assert (got.float().cpu() - want).abs().mean().item() < 0.02 * scale
     for name, p in handle.trainable_parameters().items():
         assert p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+# ----- compiled routing (fused.py) ----------------------------------------------------------
+@pytest.fixture
+def traced_compile(monkeypatch):
+    """torch.compile with the aot_eager backend: Dynamo + AOTAutograd trace and differentiate
+    the routing graph as on CUDA, without needing a C++/Triton compiler in CI."""
+    import torch._dynamo
+
+    from hdmole.adapters import fused
+    monkeypatch.setattr(fused, "COMPILE_BACKEND", "aot_eager")
+    fused.reset_compiled()
+    torch._dynamo.reset()
+    yield fused
+    fused.reset_compiled()
+    torch._dynamo.reset()
+
+
+def _run_float64(handle, module, x):
+    x = x.double().requires_grad_()
+    _, feats, fmask, labels, tmask = batch()
+    with handle.routing(feats, fmask, labels, tmask):
+        y = module(x)
+    loss = y.square().sum() + sum(handle.auxiliary_losses().values())
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in handle.trainable_parameters().items()
+             if p.grad is not None}
+    return y.detach(), x.grad, grads, handle.statistics_summary()
+
+
+@pytest.mark.parametrize("selection,global_router,combine", ROUTINGS)
+def test_compiled_routing_equals_eager_in_value_gradient_and_statistics(
+        traced_compile, selection, global_router, combine):
+    x = batch()[0]
+    runs = []
+    for mode in ("false", "true"):
+        module, handle = make(selection, global_router, combine, compile=mode,
+                              lambda_balance=0.01, lambda_z=0.0 if combine == "global" else 0.01)
+        module.double()
+        handle.double()
+        runs.append(_run_float64(handle, module, x))
+        assert traced_compile.last_path == ("eager" if mode == "false" else "compiled")
+    (y0, gx0, g0, s0), (y1, gx1, g1, s1) = runs
+    assert torch.allclose(y0, y1, atol=1e-12, rtol=1e-12)
+    assert torch.allclose(gx0, gx1, atol=1e-12, rtol=1e-12)
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for k in g0:
+        assert torch.allclose(g0[k], g1[k], atol=1e-12, rtol=1e-12), k
+    assert _close(s0, s1)
+
+
+def test_compile_auto_is_eager_on_cpu_and_a_compile_failure_falls_back(traced_compile,
+                                                                         monkeypatch):
+    x = batch()[0]
+    module, handle = make("threshold", compile="auto")
+    with handle.routing(*batch()[1:]):
+        want = module(x)
+    assert traced_compile.last_path == "eager"
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(traced_compile, "COMPILE_BACKEND", broken_backend)
+    for layer in handle.layers.values():
+        layer.compile_mode = "true"
+    with pytest.warns(RuntimeWarning, match="falling back to eager"):
+        with handle.routing(*batch()[1:]):
+            got = module(x)
+    assert traced_compile.last_path.startswith("eager (compile failed")
+    assert torch.equal(got, want)
+
+
+def test_compile_config_key_is_strict():
+    assert AdapterConfig(compile=True).compile == "true"
+    assert AdapterConfig(compile=False).compile == "false"
+    with pytest.raises(ValueError, match="compile"):
+        AdapterConfig(compile="sometimes")

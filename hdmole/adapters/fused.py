@@ -12,6 +12,8 @@ A compile failure warns once and falls back to eager for the rest of the process
 """
 from __future__ import annotations
 
+import contextlib
+import types
 import warnings
 from typing import Callable
 
@@ -24,7 +26,10 @@ from .selection import Selection
 # Inductor but needs no C++/Triton compiler).
 COMPILE_BACKEND = "inductor"
 
-_compiled: Callable | None = None
+# One compiled function per (combination, selection, finite check), each with its own code
+# object: Dynamo's recompile limit counts per code object, and a model (or the benchmark)
+# may use several strategies; layers of different widths share one entry (dynamic strides).
+_compiled: dict[tuple, Callable] = {}
 _compile_error: str | None = None
 # Which path the last call took: "compiled", "eager" or "eager (compile failed: ...)".
 last_path: str = "none"
@@ -61,6 +66,30 @@ def route_and_gate(combination: Combination, selection: Selection, a: Tensor, ro
     return gated, p, w, tau, logits, finite
 
 
+def _eager_backward_compile():
+    """Compile the backward together with the forward (AOTAutograd otherwise compiles it
+    lazily at the first backward, where a compiler failure could not fall back to eager)."""
+    config = torch._functorch.config
+    if hasattr(config, "force_non_lazy_backward_lowering"):
+        return config.patch(force_non_lazy_backward_lowering=True)
+    return contextlib.nullcontext()
+
+
+def _probe(compiled: Callable, args: tuple) -> None:
+    """First call of a compiled function: run forward and backward on detached copies of the
+    inputs (same shapes, strides and requires_grad, so the real call reuses the compiled
+    graphs), so that any compile failure happens here, inside the fallback's reach."""
+    def copy(t):
+        return t.detach().requires_grad_(t.requires_grad) if isinstance(t, Tensor) else t
+
+    probe_args = tuple(copy(t) for t in args)
+    out = compiled(*probe_args)
+    inputs = [t for t in probe_args if isinstance(t, Tensor) and t.requires_grad]
+    if inputs and out[0].requires_grad:
+        loss = out[0].float().sum() + out[2].float().sum()
+        torch.autograd.grad(loss, inputs, allow_unused=True)
+
+
 def _use_compiled(mode: str, a: Tensor) -> bool:
     if mode == "false" or _compile_error is not None:
         return False
@@ -79,9 +108,17 @@ def run_route_and_gate(combination: Combination, selection: Selection, a: Tensor
     args = (combination, selection, a, rows, log_g, scaling, num_experts, rank, check_finite)
     if _use_compiled(mode, a):
         try:
-            if _compiled is None:
-                _compiled = torch.compile(route_and_gate, backend=COMPILE_BACKEND, dynamic=None)
-            out = _compiled(*args)
+            key = (type(combination).__name__, type(selection).__name__, check_finite)
+            first = key not in _compiled
+            if first:
+                code = route_and_gate.__code__.replace(co_name="route_and_gate_" + "_".join(
+                    str(k) for k in key))
+                function = types.FunctionType(code, route_and_gate.__globals__, code.co_name)
+                _compiled[key] = torch.compile(function, backend=COMPILE_BACKEND, dynamic=None)
+            with _eager_backward_compile():
+                if first:
+                    _probe(_compiled[key], args)
+                out = _compiled[key](*args)
             last_path = "compiled"
             return out
         except Exception as err:  # noqa: BLE001 - any compiler failure: eager is still exact
@@ -96,4 +133,4 @@ def run_route_and_gate(combination: Combination, selection: Selection, a: Tensor
 def reset_compiled() -> None:
     """Forget the compiled function and any compile failure (tests, backend changes)."""
     global _compiled, _compile_error, last_path
-    _compiled, _compile_error, last_path = None, None, "none"
+    _compiled, _compile_error, last_path = {}, None, "none"

@@ -8,6 +8,11 @@ accent router alone (once per model and batch, not per layer).
 
     python bench/adapter_layer.py --shape small                     # CPU
     python bench/adapter_layer.py --shape paper --out bench.json    # CUDA, bf16
+    python bench/adapter_layer.py --profile                         # + ops/kernels per row
+
+Each row also says which path the routing arithmetic took (fused.py: "compiled" or "eager";
+AdapterConfig.compile="auto" compiles on CUDA during training, a compile failure falls back
+to eager with a warning and shows here).
 
 The paper shape is 16,384 tokens (16 x 1024), 6400 -> 2048 (the projector's first linear
 after 5-frame concatenation of a 1280-d Whisper encoder), 8 experts of rank 8.
@@ -29,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hdmole.adapters import AdapterConfig, inject
+from hdmole.adapters import AdapterConfig, fused, inject
 from hdmole.adapters.selection import threshold_weights
 
 SHAPES = {  # batch, tokens per utterance, d_in, d_out, experts, rank, encoder dim, frames
@@ -92,6 +97,22 @@ def measure(device: torch.device, step: Callable[[], None], iters: int) -> float
     return (time.perf_counter() - t0) * 1e3 / iters
 
 
+def count_ops(step: Callable[[], None], cuda: bool) -> dict[str, int]:
+    """Top-level aten ops (a proxy for kernel launches and dispatcher overhead) and, on CUDA,
+    kernels of one call of `step` (fwd+bwd), counted by torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+    aten = [e for e in events if e.name.startswith("aten::") and (
+        e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    return {"aten_ops": len(aten), "cuda_kernels": len(kernels)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
@@ -105,6 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (1 keeps CPU timings stable on a shared machine)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table as JSON")
+    parser.add_argument("--profile", action="store_true",
+                        help="count top-level aten ops (CPU) and CUDA kernels of one fwd+bwd per row")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
@@ -172,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
                      layer_step(module, lambda h=handle: h.routing(token_mask=token_mask))))
     for name, cfg, stats, stack in (
             ("hdmole (fused, default)", base_cfg, True, True),
+            ("hdmole (eager routing)", replace(base_cfg, compile="false"), True, True),
             ("hdmole (W0 product separate)", base_cfg, True, False),
             ("hdmole (no stats/finite check)", replace(base_cfg, check_finite=False), False, True),
             ("hdmole lambda_balance+z", replace(base_cfg, lambda_balance=0.01, lambda_z=0.001),
@@ -202,21 +226,26 @@ def main(argv: list[str] | None = None) -> dict:
     # a row's time is the median of its repeats on CUDA and the minimum on a (noisy) CPU.
     samples: dict[str, list[float]] = {name: [] for name, _ in rows}
     peaks: dict[str, float | None] = {}
+    paths: dict[str, str] = {}
     for name, step in rows:
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        fused.last_path = "-"
         for _ in range(warmup):
             step()
+        paths[name] = fused.last_path
         if cuda:
             torch.cuda.synchronize()
         peaks[name] = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    counts = {name: count_ops(step, cuda) for name, step in rows} if args.profile else {}
     for _ in range(repeats):
         for name, step in rows:
             samples[name].append(measure(device, step, iters))
     pick = statistics.median if cuda else min
     results = [{"name": name, "ms": pick(samples[name]), "peak_mib": peaks[name],
-                "samples_ms": samples[name]} for name, _ in rows]
+                "routing_path": paths[name], "samples_ms": samples[name],
+                **counts.get(name, {})} for name, _ in rows]
     base_ms = results[0]["ms"]
     for row in results:
         row["ratio_to_base"] = row["ms"] / base_ms
@@ -226,12 +255,17 @@ def main(argv: list[str] | None = None) -> dict:
           f"threads {torch.get_num_threads()}, shape {shape_name}: {b * t} tokens, "
           f"{d_in} -> {d_out}, {experts} experts rank {rank}; fwd+bwd, "
           f"{'median' if cuda else 'min'} of {repeats} x {iters} iters")
-    print(f"{'layer':<34}{'ms':>10}{'x base':>9}" + (f"{'peak MiB':>11}" if cuda else ""))
+    print(f"{'layer':<34}{'ms':>10}{'x base':>9}" + (f"{'peak MiB':>11}" if cuda else "")
+          + (f"{'aten ops':>10}{'kernels':>9}" if args.profile else "") + "  routing")
     for row in results:
         line = f"{row['name']:<34}{row['ms']:>10.3f}{row['ratio_to_base']:>9.2f}"
         if cuda:
             line += f"{row['peak_mib']:>11.0f}"
-        print(line)
+        if args.profile:
+            line += f"{row['aten_ops']:>10}{row['cuda_kernels'] if cuda else '-':>9}"
+        print(line + "  " + row["routing_path"])
+    if fused.last_path.startswith("eager (compile failed"):
+        print(f"# routing compile failed, rows ran eager: {fused.last_path}")
     report = {"device": device_name, "torch": torch.__version__, "dtype": str(dtype),
               "shape": {"name": shape_name, **shape}, "threads": torch.get_num_threads(),
               "warmup": warmup, "iters": iters, "repeats": repeats,

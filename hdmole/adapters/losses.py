@@ -5,6 +5,7 @@ Token tensors are flat: p, w (N, E), logits (N, E), valid (N,) float in {0, 1}.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -13,9 +14,10 @@ def accent_cross_entropy(log_g: Tensor, labels: Tensor | None) -> Tensor | None:
     zero gradient) when none has one, so no host sync is needed; None without labels."""
     if labels is None:
         return None
-    known = (labels >= 0).to(log_g.dtype)
-    picked = log_g.gather(-1, labels.clamp_min(0).long().unsqueeze(-1)).squeeze(-1)
-    return -(picked * known).sum() / known.sum().clamp_min(1.0)
+    known = (labels >= 0).sum()
+    # nll_loss skips label -1 (ignore_index); clamp maps any other negative label to it.
+    total = F.nll_loss(log_g, labels.long().clamp_min(-1), ignore_index=-1, reduction="sum")
+    return total / known.clamp_min(1).to(log_g.dtype)
 
 
 def load_balance(p: Tensor, w: Tensor, valid: Tensor) -> Tensor:

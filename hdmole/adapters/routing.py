@@ -21,6 +21,8 @@ def masked_pool(features: Tensor, mask: Tensor | None, kind: str) -> Tensor:
 
     The masked sum accumulates in fp32 without an fp32 copy of a long bf16 encoder output."""
     if mask is None:
+        if kind == "mean":  # every frame valid: one reduction
+            return features.mean(1, dtype=torch.float32)
         mask = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
     elif mask.shape != features.shape[:2]:
         raise ValueError(f"accent_feature_mask shape {tuple(mask.shape)} does not match "
@@ -35,6 +37,10 @@ def masked_pool(features: Tensor, mask: Tensor | None, kind: str) -> Tensor:
     x = features.float()
     var = (((x - mean.unsqueeze(1)) ** 2) * m.float()).sum(1) / count
     return torch.cat([mean, (var + 1e-5).sqrt()], dim=-1)
+
+
+def _fp32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float32 else t.float()  # skips a no-op dispatch per call
 
 
 class GlobalAccentRouter(nn.Module):
@@ -57,10 +63,10 @@ class GlobalAccentRouter(nn.Module):
             raise ValueError("global_router='learned' needs accent_features in routing(...)")
         pooled = masked_pool(features, mask, self.pooling)
         # fp32 whatever the model dtype: the router is tiny and its softmax feeds every layer.
-        h = F.layer_norm(pooled, self.norm.normalized_shape, self.norm.weight.float(),
-                         self.norm.bias.float(), self.norm.eps)
-        h = F.gelu(F.linear(h, self.hidden.weight.float(), self.hidden.bias.float()))
-        return F.linear(h, self.out.weight.float(), self.out.bias.float()).log_softmax(-1)
+        h = F.layer_norm(pooled, self.norm.normalized_shape, _fp32(self.norm.weight),
+                         _fp32(self.norm.bias), self.norm.eps)
+        h = F.gelu(F.linear(h, _fp32(self.hidden.weight), _fp32(self.hidden.bias)))
+        return F.linear(h, _fp32(self.out.weight), _fp32(self.out.bias)).log_softmax(-1)
 
 
 class OracleAccentRouter(nn.Module):

@@ -23,6 +23,7 @@ class TokenView(NamedTuple):
     valid: Tensor | None          # (N,) float in {0, 1}, or None: every token valid
     token_accents: Tensor | None  # (N,) accent label per token, -1 unknown
     stat_rows: Tensor             # (N,) int64 statistics row: accent, A unknown, A+1 padding
+    stat_slot_base: Tensor        # stat_rows * (E + 1): histogram slot of |S| = 0
     ones: Tensor                  # (N,) float ones (valid when no mask applies)
 
 
@@ -144,7 +145,7 @@ class RoutingState:
         if valid is not None:
             rows = torch.where(valid > 0, rows, a + 1)
         ones = torch.ones(n, device=device)
-        return TokenView(log_g, valid, token_accents, rows, ones)
+        return TokenView(log_g, valid, token_accents, rows, rows * (self.num_experts + 1), ones)
 
     def record(self, layer: str, p: Tensor, w: Tensor, tau: Tensor | None,
                logits: Tensor | None, view: TokenView) -> None:
@@ -157,4 +158,5 @@ class RoutingState:
         if self.want_z and logits is not None:
             self.z_terms.append(losses.router_z_loss(logits, valid))
         if self.statistics_enabled:
-            self.layer_statistics[layer].record(w, tau, view.stat_rows, valid)
+            self.layer_statistics[layer].record(w, tau, view.stat_rows, view.stat_slot_base,
+                                                valid)

@@ -36,30 +36,32 @@ class LayerStatistics:
         self.reset()
 
     def reset(self) -> None:
-        self._hist: Tensor | None = None    # (A + 2, E + 1) int64: tokens by row and |S|
+        self._hist: Tensor | None = None    # ((A + 2) * (E + 1),) int64: tokens by row, |S|
         self._weight: Tensor | None = None  # (A + 2, E) float64: summed routing weights
         self._tau_sum: Tensor | None = None  # () float64 over valid tokens
         self._has_tau = False
 
     @torch.no_grad()
-    def record(self, w: Tensor, tau: Tensor | None, rows: Tensor, valid: Tensor) -> None:
+    def record(self, w: Tensor, tau: Tensor | None, rows: Tensor, slot_base: Tensor,
+               valid: Tensor) -> None:
         """w (N, E); tau scalar or (N, 1); rows (N,) int64 statistics row of each token
-        (accent, A = unknown, A + 1 = padding: discarded); valid (N,) float in {0, 1}."""
+        (accent, A = unknown, A + 1 = padding: discarded) and slot_base = rows * (E + 1);
+        valid (N,) float in {0, 1}."""
         e, a = self.num_experts, self.num_accents
-        slots = rows * (e + 1) + (w > 0).sum(-1)
-        hist = torch.bincount(slots, minlength=(a + 2) * (e + 1)).view(a + 2, e + 1)
-        weight = torch.zeros(a + 2, e, dtype=torch.float64, device=w.device).index_add_(
-            0, rows, w.double())
+        if self._hist is None or self._hist.device != w.device:
+            # first call, or the model moved: start (or carry the counts) on w's device
+            self._hist = (torch.zeros((a + 2) * (e + 1), dtype=torch.long, device=w.device)
+                          if self._hist is None else self._hist.to(w.device))
+            self._weight = (torch.zeros(a + 2, e, dtype=torch.float64, device=w.device)
+                            if self._weight is None else self._weight.to(w.device))
+            self._tau_sum = torch.zeros((), dtype=torch.float64, device=w.device) if (
+                self._tau_sum is None) else self._tau_sum.to(w.device)
+        self._hist += torch.bincount(slot_base + (w > 0).sum(-1), minlength=(a + 2) * (e + 1))
+        self._weight.index_add_(0, rows, w.double())
         if tau is not None:
             self._has_tau = True
-            tau_sum = (tau.double().reshape(-1) * valid).sum() if tau.dim() > 0 else (
+            self._tau_sum += (tau.double().reshape(-1) * valid).sum() if tau.dim() > 0 else (
                 tau.double() * valid.sum())
-            self._tau_sum = tau_sum if self._tau_sum is None else self._tau_sum + tau_sum
-        if self._hist is None:
-            self._hist, self._weight = hist, weight
-        else:
-            self._hist = self._hist.to(hist.device) + hist
-            self._weight = self._weight.to(weight.device) + weight
 
     def summary(self, current_tau: float | None) -> dict:
         e, a = self.num_experts, self.num_accents
@@ -67,7 +69,7 @@ class LayerStatistics:
             hist_rows = torch.zeros(a + 1, e + 1, dtype=torch.float64)
             weight_rows = torch.zeros(a + 1, e, dtype=torch.float64)
         else:  # drop the padding row
-            hist_rows = self._hist[:a + 1].double().cpu()
+            hist_rows = self._hist.view(a + 2, e + 1)[:a + 1].double().cpu()
             weight_rows = self._weight[:a + 1].cpu()
         total_hist = hist_rows.sum(0)
         tokens = float(total_hist.sum())
@@ -75,7 +77,7 @@ class LayerStatistics:
         sizes = torch.arange(e + 1, dtype=torch.float64)
         per_accent = hist_rows[:a]
         accent_tokens = per_accent.sum(1)
-        tau_sum = float(self._tau_sum) if self._tau_sum is not None else 0.0
+        tau_sum = float(self._tau_sum) if self._tau_sum is not None else 0.0  # host sync here
         return {
             "tokens": tokens,
             "active_mean": float(total_hist @ sizes) / tokens if tokens else None,

@@ -621,3 +621,29 @@ def test_compile_config_key_is_strict():
     assert AdapterConfig(compile=False).compile == "false"
     with pytest.raises(ValueError, match="compile"):
         AdapterConfig(compile="sometimes")
+
+
+@pytest.mark.parametrize("per_token_tau,prior", [(False, True), (True, False), (True, True)])
+def test_threshold_gate_backward_passes_gradcheck(per_token_tau, prior):
+    """The hand-written backward of the fused eager kernel against finite differences."""
+    from hdmole.adapters.fused import ThresholdGate
+    g = torch.Generator().manual_seed(3)
+    e, r, b, t = 4, 2, 2, 3
+
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).requires_grad_()
+
+    a, logits = leaf(b, t, e * r), leaf(b, t, e, scale=2.0)
+    log_g = torch.randn(b, 1, e, generator=g, dtype=torch.float64).log_softmax(-1)
+    log_g.requires_grad_()
+    beta = leaf()
+    tau = (torch.rand(b, t, 1, generator=g, dtype=torch.float64) * 0.2 if per_token_tau
+           else torch.tensor(0.1, dtype=torch.float64)).requires_grad_()
+    d_p = torch.randn(b, t, e, generator=g, dtype=torch.float64)  # a load-balance-like use of p
+
+    def f(a, logits, log_g, beta, tau):
+        gated, p, _ = ThresholdGate.apply(a, logits, log_g if prior else None,
+                                          beta if prior else None, tau, 2.0, r)
+        return gated, (p * d_p).sum()
+
+    assert torch.autograd.gradcheck(f, (a, logits, log_g, beta, tau), atol=1e-8)

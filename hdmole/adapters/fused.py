@@ -57,6 +57,12 @@ def route_and_gate(combination: Combination, selection: Selection, a: Tensor, ro
         extra = rows.to(dtype) + selection.extra_bias().to(dtype)
     if log_g is not None:
         log_g = log_g.to(dtype)
+    if (selection.thresholded and combination.softmax_of_logits
+            and not torch.compiler.is_compiling()):  # compiled: Inductor fuses the generic path
+        tau = selection.threshold(extra, dtype)
+        gated, p, w = ThresholdGate.apply(a, logits, log_g, getattr(combination, "beta", None),
+                                          tau, scaling, rank)
+        return gated, p, w, tau, logits, finite
     p = combination(logits, log_g)
     if p.shape[:-1] != a.shape[:-1]:  # utterance-level p (global combination)
         p = p.expand(*a.shape[:-1], e)
@@ -134,3 +140,64 @@ def reset_compiled() -> None:
     """Forget the compiled function and any compile failure (tests, backend changes)."""
     global _compiled, _compile_error, last_path
     _compiled, _compile_error, last_path = {}, None, "none"
+
+
+class ThresholdGate(torch.autograd.Function):
+    """Eager fused kernel for softmax-of-logits combinations with threshold selections:
+
+        z = l (+ beta * log g);  p = softmax(z);  w = (p - tau)_+ / sum_j (p_j - tau)_+
+        gated = a * (w * scaling) per expert rank slice
+
+    Same values as the generic path; the backward is written out (a dozen ops instead of the
+    ~35 autograd records), in the routing dtype (fp32, or float64 for references). Returns
+    (gated, p, w); p may receive a gradient (load-balance loss), w is used detached."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, logits: Tensor, log_g: Tensor | None, beta: Tensor | None,
+                tau: Tensor, scaling: float, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+        z = logits if log_g is None else logits + beta.to(logits.dtype) * log_g
+        p = z.softmax(-1)
+        excess = (p - tau).clamp_min(0.0)
+        total = excess.sum(-1, keepdim=True)
+        w = excess / total
+        gate = (w * scaling).to(a.dtype)
+        e = p.shape[-1]
+        gated = (a.unflatten(-1, (e, rank)) * gate.unsqueeze(-1)).flatten(-2)
+        ctx.save_for_backward(a, p, w, total, gate, log_g, beta, tau)
+        ctx.scaling, ctx.rank = scaling, rank
+        ctx.mark_non_differentiable(w)
+        ctx.set_materialize_grads(False)  # unused outputs pass None, not zero tensors
+        return gated, p, w
+
+    @staticmethod
+    def backward(ctx, d_gated: Tensor | None, d_p: Tensor | None, d_w: Tensor | None):
+        a, p, w, total, gate, log_g, beta, tau = ctx.saved_tensors
+        e, rank = p.shape[-1], ctx.rank
+        need = ctx.needs_input_grad
+        d_a = d_logits = d_log_g = d_beta = d_tau = None
+        d_z_in = d_p
+        if d_gated is not None:
+            d_slices = d_gated.unflatten(-1, (e, rank))
+            if need[0]:
+                d_a = (d_slices * gate.unsqueeze(-1)).flatten(-2)
+            # d gate_i = sum_r d_gated * a over expert i's rank slice, accumulated in p's dtype
+            d_weight = (d_slices * a.unflatten(-1, (e, rank))).sum(-1, dtype=p.dtype) * ctx.scaling
+            # w = excess / total: d excess = (d w - sum_j d w_j w_j) / total on active experts
+            d_excess = (d_weight - (d_weight * w).sum(-1, keepdim=True)) / total
+            d_excess = d_excess * (w > 0)
+            d_z_in = d_excess if d_z_in is None else d_z_in + d_excess
+            if need[4]:
+                d_tau = -(d_excess.sum() if tau.dim() == 0 else
+                          d_excess.sum(-1, keepdim=True).sum_to_size(tau.shape))
+        if d_z_in is None:
+            return d_a, None, None, None, d_tau, None, None
+        # softmax backward: d z = p * (d p - sum_j d p_j p_j)
+        d_z = p * (d_z_in - (d_z_in * p).sum(-1, keepdim=True))
+        if need[1]:
+            d_logits = d_z
+        if log_g is not None:
+            if need[2]:
+                d_log_g = (beta.to(d_z.dtype) * d_z).sum_to_size(log_g.shape)
+            if need[3]:
+                d_beta = (d_z * log_g).sum().to(beta.dtype)
+        return d_a, d_logits, d_log_g, d_beta, d_tau, None, None

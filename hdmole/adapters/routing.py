@@ -100,6 +100,9 @@ class Combination(nn.Module):
     local router (E rows in its fused down-projection)."""
 
     needs_local = True
+    # p = softmax(l + beta * log g) (`beta` attribute) or softmax(l) (none): the form the
+    # fused eager kernel (fused.ThresholdGate) computes with a hand-written backward.
+    softmax_of_logits = False
 
     def forward(self, logits: Tensor | None, log_g: Tensor | None) -> Tensor:
         raise NotImplementedError
@@ -107,6 +110,8 @@ class Combination(nn.Module):
 
 class PriorCombination(Combination):
     """p = softmax(l + beta * log g): the accent posterior is a prior on the local choice."""
+
+    softmax_of_logits = True
 
     def __init__(self, cfg: AdapterConfig) -> None:
         super().__init__()
@@ -135,6 +140,8 @@ class SumCombination(Combination):
 
 class LocalCombination(Combination):
     """p = softmax(l): per-layer routing only (no hierarchy)."""
+
+    softmax_of_logits = True
 
     def __init__(self, cfg: AdapterConfig) -> None:
         super().__init__()

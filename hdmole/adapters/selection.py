@@ -18,10 +18,17 @@ class Selection(nn.Module):
     their outputs (fp32, plus `extra_bias`) are passed to forward as `extra`."""
 
     extra_rows = 0
+    # Threshold strategies: forward(p, extra) == threshold_weights(p, self.threshold(extra)),
+    # which the fused eager kernel (fused.ThresholdGate) computes with a hand-written backward.
+    thresholded = False
 
     def __init__(self, cfg: AdapterConfig, resolved: ResolvedAdapter, in_features: int) -> None:
         super().__init__()
         self.num_experts = resolved.num_experts
+
+    def threshold(self, extra: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """tau (scalar or (*tokens, 1)) of a thresholded strategy."""
+        raise NotImplementedError
 
     def forward(self, p: Tensor, extra: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Returns weights w (same shape as p) and tau (broadcastable to p[..., :1]) or None."""
@@ -82,12 +89,17 @@ def threshold_weights(p: Tensor, tau: Tensor) -> Tensor:
 
 
 class FixedThresholdSelection(Selection):
+    thresholded = True
+
     def __init__(self, cfg: AdapterConfig, resolved: ResolvedAdapter, in_features: int) -> None:
         super().__init__(cfg, resolved, in_features)
         self.register_buffer("tau", torch.tensor(resolved.fixed_tau), persistent=False)
 
+    def threshold(self, extra: Tensor | None, dtype: torch.dtype) -> Tensor:
+        return self.tau.to(dtype)
+
     def forward(self, p: Tensor, extra: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        tau = self.tau.to(p.dtype)
+        tau = self.threshold(extra, p.dtype)
         return threshold_weights(p, tau), tau
 
     def current_tau(self) -> float | None:
@@ -97,13 +109,18 @@ class FixedThresholdSelection(Selection):
 class LayerThresholdSelection(Selection):
     """HDMoLE: one learned threshold per layer, tau = tau_max * sigmoid(theta)."""
 
+    thresholded = True
+
     def __init__(self, cfg: AdapterConfig, resolved: ResolvedAdapter, in_features: int) -> None:
         super().__init__(cfg, resolved, in_features)
         self.tau_max = resolved.tau_max
         self.theta = nn.Parameter(torch.tensor(float(cfg.threshold_init)))
 
+    def threshold(self, extra: Tensor | None, dtype: torch.dtype) -> Tensor:
+        return self.tau_max * torch.sigmoid(self.theta.to(dtype))
+
     def forward(self, p: Tensor, extra: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        tau = self.tau_max * torch.sigmoid(self.theta.to(p.dtype))
+        tau = self.threshold(extra, p.dtype)
         return threshold_weights(p, tau), tau
 
     def current_tau(self) -> float | None:
@@ -115,6 +132,7 @@ class TokenThresholdSelection(Selection):
     layer's fused down-projection, so x is still read once."""
 
     extra_rows = 1
+    thresholded = True
 
     def __init__(self, cfg: AdapterConfig, resolved: ResolvedAdapter, in_features: int) -> None:
         super().__init__(cfg, resolved, in_features)
@@ -122,10 +140,13 @@ class TokenThresholdSelection(Selection):
         self.weight = nn.Parameter(torch.randn(1, in_features) * cfg.router_init_std)
         self.bias = nn.Parameter(torch.full((1,), float(cfg.threshold_init)))
 
-    def forward(self, p: Tensor, extra: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def threshold(self, extra: Tensor | None, dtype: torch.dtype) -> Tensor:
         if extra is None:
             raise RuntimeError("token_threshold selection needs the threshold projection")
-        tau = self.tau_max * torch.sigmoid(extra)
+        return self.tau_max * torch.sigmoid(extra.to(dtype))
+
+    def forward(self, p: Tensor, extra: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        tau = self.threshold(extra, p.dtype)
         return threshold_weights(p, tau), tau
 
     def extra_weight(self) -> Tensor | None:

@@ -33,6 +33,11 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype; skips the dispatch of a no-op .to() (this path is launch-bound)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class StackedLinear(torch.autograd.Function):
     """(y, h) = (x W0^T + b, x D^T) as ONE matrix product with the stacked rows [W0; D]:
     x is read once. Backward computes dx = [dy, dh] [W0; D] as one matrix product too,
@@ -43,9 +48,10 @@ class StackedLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, w0: Tensor, b0: Tensor | None, down: Tensor,
                 dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         with torch.autocast(x.device.type, enabled=False):
-            stacked = torch.cat([w0.to(dtype), down.to(dtype)])
-            bias = None if b0 is None else torch.cat([b0.to(dtype), b0.new_zeros(down.shape[0], dtype=dtype)])
-            xc = x.to(dtype)
+            stacked = torch.cat([_cast(w0, dtype), _cast(down, dtype)])
+            bias = None if b0 is None else torch.cat([_cast(b0, dtype),
+                                                      b0.new_zeros(down.shape[0], dtype=dtype)])
+            xc = _cast(x, dtype)
             out = F.linear(xc, stacked, bias)
         ctx.save_for_backward(xc, stacked)
         ctx.shapes = (w0.shape[0], x.dtype, w0.dtype, down.dtype, b0 is not None)
@@ -63,17 +69,18 @@ class StackedLinear(torch.autograd.Function):
         if dh is None:
             dh = xc.new_zeros(*lead, stacked.shape[0] - d_out)
         with torch.autocast(xc.device.type, enabled=False):
-            grads = torch.cat([dy.to(dtype), dh.to(dtype)], -1)
+            dy, dh = _cast(dy, dtype), _cast(dh, dtype)
+            grads = torch.cat([dy, dh], -1)
             dx = grads @ stacked if ctx.needs_input_grad[0] else None
             flat_x = xc.reshape(-1, xc.shape[-1])
-            d_down = dh.to(dtype).reshape(-1, dh.shape[-1]).t() @ flat_x
+            d_down = dh.reshape(-1, dh.shape[-1]).t() @ flat_x
             dw0 = db0 = None
             if ctx.needs_input_grad[1]:
-                dw0 = (dy.to(dtype).reshape(-1, d_out).t() @ flat_x).to(w0_dtype)
+                dw0 = _cast(dy.reshape(-1, d_out).t() @ flat_x, w0_dtype)
             if has_bias and ctx.needs_input_grad[2]:
-                db0 = dy.reshape(-1, d_out).sum(0).to(w0_dtype)
-        return (dx.to(x_dtype) if dx is not None else None, dw0, db0,
-                d_down.to(down_dtype), None)
+                db0 = _cast(dy.reshape(-1, d_out).sum(0), w0_dtype)
+        return (_cast(dx, x_dtype) if dx is not None else None, dw0, db0,
+                _cast(d_down, down_dtype), None)
 
 
 class MoLoRALinear(nn.Module):

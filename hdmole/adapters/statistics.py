@@ -108,17 +108,20 @@ class GlobalRouterStatistics:
     def record(self, log_g: Tensor, labels: Tensor | None) -> None:
         if labels is None:
             return
-        classes = torch.arange(self.num_accents, device=log_g.device)
-        truth = (labels.unsqueeze(-1) == classes).double()  # unknown (-1): all-zero row
-        guess = (log_g.argmax(-1, keepdim=True) == classes).double()
-        counts = truth.t() @ guess
-        self._confusion = (counts if self._confusion is None
-                           else self._confusion.to(counts.device) + counts)
+        a = self.num_accents
+        # one bincount over (true, guess) slots; unknown labels (-1) go to a discarded slot
+        slots = torch.where(labels >= 0, labels * a + log_g.argmax(-1), a * a)
+        counts = torch.bincount(slots, minlength=a * a + 1)
+        if self._confusion is None:
+            self._confusion = counts
+        else:
+            self._confusion = self._confusion.to(counts.device) + counts
 
     def summary(self) -> dict:
         if self._confusion is None:
             return {"utterances": 0, "accuracy": None, "confusion": None}
-        confusion = self._confusion.cpu()
+        a = self.num_accents
+        confusion = self._confusion[:a * a].view(a, a).double().cpu()
         total = float(confusion.sum())
         correct = float(confusion.diagonal().sum())
         return {"utterances": total, "accuracy": correct / total if total else None,

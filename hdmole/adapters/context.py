@@ -25,6 +25,7 @@ class TokenView(NamedTuple):
     stat_rows: Tensor             # (N,) int64 statistics row: accent, A unknown, A+1 padding
     stat_slot_base: Tensor        # stat_rows * (E + 1): histogram slot of |S| = 0
     ones: Tensor                  # (N,) float ones (valid when no mask applies)
+    ones64: Tensor                # (N,) float64 ones (histogram counts)
 
 
 class RoutingState:
@@ -145,7 +146,8 @@ class RoutingState:
         if valid is not None:
             rows = torch.where(valid > 0, rows, a + 1)
         ones = torch.ones(n, device=device)
-        return TokenView(log_g, valid, token_accents, rows, rows * (self.num_experts + 1), ones)
+        return TokenView(log_g, valid, token_accents, rows, rows * (self.num_experts + 1), ones,
+                         torch.ones(n, dtype=torch.float64, device=device))
 
     def record(self, layer: str, p: Tensor, w: Tensor, tau: Tensor | None,
                logits: Tensor | None, view: TokenView) -> None:
@@ -159,4 +161,4 @@ class RoutingState:
             self.z_terms.append(losses.router_z_loss(logits, valid))
         if self.statistics_enabled:
             self.layer_statistics[layer].record(w, tau, view.stat_rows, view.stat_slot_base,
-                                                valid)
+                                                valid, view.ones64)

@@ -24,9 +24,10 @@ class LayerStatistics:
     """One adapted layer: number of active experts |S| (mean, histogram, shares of 1 and E),
     threshold, expert load, and per accent the mean routing weight of every expert.
 
-    Raw sums only, on the routing tensors' device (no host sync): an int64 histogram of |S|
-    per statistics row (accents, "unknown", and a discard row for padding) filled by one
-    bincount, the routing weights per row by one index_add, and the threshold sum. Rows
+    Raw sums only, on the routing tensors' device (no host sync): a histogram of |S| per
+    statistics row (accents, "unknown", and a discard row for padding) and the routing
+    weights per row, each filled by one index_add (float64: integer counts stay exact; not
+    bincount, which syncs with the host on CUDA to size its output), and the threshold sum. Rows
     and counts are per routing block (RoutingState.TokenView), so a layer call costs a
     handful of kernels; everything else happens in `summary()`."""
 
@@ -36,27 +37,27 @@ class LayerStatistics:
         self.reset()
 
     def reset(self) -> None:
-        self._hist: Tensor | None = None    # ((A + 2) * (E + 1),) int64: tokens by row, |S|
+        self._hist: Tensor | None = None    # ((A + 2) * (E + 1),) float64: tokens by row, |S|
         self._weight: Tensor | None = None  # (A + 2, E) float64: summed routing weights
         self._tau_sum: Tensor | None = None  # () float64 over valid tokens
         self._has_tau = False
 
     @torch.no_grad()
     def record(self, w: Tensor, tau: Tensor | None, rows: Tensor, slot_base: Tensor,
-               valid: Tensor) -> None:
+               valid: Tensor, ones: Tensor) -> None:
         """w (N, E); tau scalar or (N, 1); rows (N,) int64 statistics row of each token
         (accent, A = unknown, A + 1 = padding: discarded) and slot_base = rows * (E + 1);
-        valid (N,) float in {0, 1}."""
+        valid (N,) float in {0, 1}; ones (N,) float64."""
         e, a = self.num_experts, self.num_accents
         if self._hist is None or self._hist.device != w.device:
             # first call, or the model moved: start (or carry the counts) on w's device
-            self._hist = (torch.zeros((a + 2) * (e + 1), dtype=torch.long, device=w.device)
+            self._hist = (torch.zeros((a + 2) * (e + 1), dtype=torch.float64, device=w.device)
                           if self._hist is None else self._hist.to(w.device))
             self._weight = (torch.zeros(a + 2, e, dtype=torch.float64, device=w.device)
                             if self._weight is None else self._weight.to(w.device))
             self._tau_sum = torch.zeros((), dtype=torch.float64, device=w.device) if (
                 self._tau_sum is None) else self._tau_sum.to(w.device)
-        self._hist += torch.bincount(slot_base + (w > 0).sum(-1), minlength=(a + 2) * (e + 1))
+        self._hist.index_add_(0, slot_base + (w > 0).sum(-1), ones)
         self._weight.index_add_(0, rows, w.double())
         if tau is not None:
             self._has_tau = True
@@ -109,13 +110,14 @@ class GlobalRouterStatistics:
         if labels is None:
             return
         a = self.num_accents
-        # one bincount over (true, guess) slots; unknown labels (-1) go to a discarded slot
+        # one index_add over (true, guess) slots (bincount would sync on CUDA); unknown
+        # labels (-1) go to a discarded slot
         slots = torch.where(labels >= 0, labels * a + log_g.argmax(-1), a * a)
-        counts = torch.bincount(slots, minlength=a * a + 1)
-        if self._confusion is None:
-            self._confusion = counts
-        else:
-            self._confusion = self._confusion.to(counts.device) + counts
+        if self._confusion is None or self._confusion.device != log_g.device:
+            self._confusion = (torch.zeros(a * a + 1, dtype=torch.float64, device=log_g.device)
+                               if self._confusion is None else self._confusion.to(log_g.device))
+        self._confusion.index_add_(0, slots, torch.ones(slots.shape, dtype=torch.float64,
+                                                        device=slots.device))
 
     def summary(self) -> dict:
         if self._confusion is None:

@@ -38,7 +38,7 @@ class AdapterConfig:
     # Number of LoRA experts per layer; None = one per accent domain (num_accents).
     num_experts: Optional[int] = None
     # Rank of each expert. `lora` uses rank num_experts*rank (matched trainable parameters).
-    rank: int = 8
+    rank: int = 4
     # LoRA scaling is alpha/rank for every method (also for `lora`, so each rank-1 component
     # has the same scale whether it sits in one LoRA or in an expert).
     alpha: float = 16.0

@@ -157,7 +157,8 @@ def test_lora_matches_reference_and_has_matched_parameters():
     want = x @ layer.base.weight.double().T + layer.base.bias.double() + layer.scaling * (
         x @ layer.lora_A.double().T) @ layer.lora_B.double().T
     assert torch.allclose(layer(x), want, atol=1e-10)
-    assert layer.rank == A * 8 and layer.scaling == 16.0 / 8
+    default = AdapterConfig()
+    assert layer.rank == A * default.rank and layer.scaling == default.alpha / default.rank
     experts = mole.trainable_report().by_group["experts"]
     assert lora.trainable_report().by_group["experts"] == experts
 

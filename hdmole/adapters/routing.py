@@ -78,10 +78,17 @@ class OracleAccentRouter(nn.Module):
 
     def forward(self, features: Tensor | None, mask: Tensor | None,
                 labels: Tensor | None) -> Tensor:
-        if labels is None or bool((labels < 0).any()) or bool((labels >= self.num_accents).any()):
-            raise ValueError("global_router='oracle' needs an accent label in "
-                             f"[0, {self.num_accents}) for every utterance; got {labels}")
-        one_hot = F.one_hot(labels.long(), self.num_accents).bool()
+        message = ("global_router='oracle' needs an accent label in "
+                   f"[0, {self.num_accents}) for every utterance")
+        if labels is None:
+            raise ValueError(f"{message}; got None")
+        in_range = ((labels >= 0) & (labels < self.num_accents)).all()
+        if labels.is_cuda:  # checked on the device: a host-side check would sync per batch
+            torch._assert_async(in_range, message)
+        elif not bool(in_range):
+            raise ValueError(f"{message}; got {labels}")
+        classes = torch.arange(self.num_accents, device=labels.device)
+        one_hot = labels.long().unsqueeze(-1) == classes  # F.one_hot checks (and syncs) on CUDA
         log_g = torch.full(one_hot.shape, ORACLE_LOG_ZERO, device=labels.device)
         return log_g.masked_fill(one_hot, 0.0)
 

@@ -430,7 +430,7 @@ def test_freezing_and_trainable_report():
     _, handle = make("threshold")
     report = handle.trainable_report()
     assert report.trainable == sum(p.numel() for p in handle.trainable_parameters().values())
-    assert report.by_group["experts"] == A * 8 * (D_IN + D_HID + D_HID + D_OUT)
+    assert report.by_group["experts"] == A * AdapterConfig().rank * (D_IN + D_HID + D_HID + D_OUT)
     assert "global_router" in report.table and "local_router" in report.table
     assert handle.effective_loss_weights() == {"accent_ce": 0.1, "load_balance": 0.0, "router_z": 0.0}
     _, local = make("threshold", "none", "local", lambda_accent=0.1)
@@ -588,11 +588,14 @@ def test_compiled_routing_equals_eager_in_value_gradient_and_statistics(
         runs.append(_run_float64(handle, module, x))
         assert traced_compile.last_path == ("eager" if mode == "false" else "compiled")
     (y0, gx0, g0, s0), (y1, gx1, g1, s1) = runs
-    assert torch.allclose(y0, y1, atol=1e-12, rtol=1e-12)
-    assert torch.allclose(gx0, gx1, atol=1e-12, rtol=1e-12)
+
+    def same(u, v):  # float64 rounding only: relative to the tensor's scale
+        return (u - v).abs().max() <= 1e-11 * max(v.abs().max().item(), 1.0)
+
+    assert same(y0, y1) and same(gx0, gx1)
     assert g0.keys() == g1.keys() and len(g0) > 0
     for k in g0:
-        assert torch.allclose(g0[k], g1[k], atol=1e-12, rtol=1e-12), k
+        assert same(g0[k], g1[k]), k
     assert _close(s0, s1)
 
 

@@ -42,11 +42,12 @@ class StackedLinear(torch.autograd.Function):
     """(y, h) = (x W0^T + b, x D^T) as ONE matrix product with the stacked rows [W0; D]:
     x is read once. Backward computes dx = [dy, dh] [W0; D] as one matrix product too,
     instead of two products whose (N, d_in) results autograd would then add.
-    Runs in `dtype` (explicit casts; autocast is off inside)."""
+    Runs in `dtype` (explicit casts; autocast is off inside). With `split` = k, h comes back
+    as two outputs h[..., :k], h[..., k:] (no slice-backward zero tensors in autograd)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w0: Tensor, b0: Tensor | None, down: Tensor,
-                dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+                dtype: torch.dtype, split: int | None = None) -> tuple[Tensor, ...]:
         with torch.autocast(x.device.type, enabled=False):
             stacked = torch.cat([_cast(w0, dtype), _cast(down, dtype)])
             bias = None if b0 is None else torch.cat([_cast(b0, dtype),
@@ -54,33 +55,32 @@ class StackedLinear(torch.autograd.Function):
             xc = _cast(x, dtype)
             out = F.linear(xc, stacked, bias)
         ctx.save_for_backward(xc, stacked)
-        ctx.shapes = (w0.shape[0], x.dtype, w0.dtype, down.dtype, b0 is not None)
         d_out = w0.shape[0]
-        return out[..., :d_out], out[..., d_out:]
+        sizes = [d_out, down.shape[0]] if split is None else [d_out, split, down.shape[0] - split]
+        ctx.shapes = (sizes, x.dtype, w0.dtype, down.dtype, b0 is not None)
+        return tuple(out.split(sizes, -1))
 
     @staticmethod
-    def backward(ctx, dy: Tensor | None, dh: Tensor | None):
+    def backward(ctx, dy: Tensor | None, *dhs: Tensor | None):
         xc, stacked = ctx.saved_tensors
-        d_out, x_dtype, w0_dtype, down_dtype, has_bias = ctx.shapes
+        sizes, x_dtype, w0_dtype, down_dtype, has_bias = ctx.shapes
+        d_out = sizes[0]
         dtype = stacked.dtype
         lead = xc.shape[:-1]
-        if dy is None:
-            dy = xc.new_zeros(*lead, d_out)
-        if dh is None:
-            dh = xc.new_zeros(*lead, stacked.shape[0] - d_out)
+        parts = [_cast(g, dtype) if g is not None else xc.new_zeros(*lead, size, dtype=dtype)
+                 for g, size in zip((dy, *dhs), sizes)]
         with torch.autocast(xc.device.type, enabled=False):
-            dy, dh = _cast(dy, dtype), _cast(dh, dtype)
-            grads = torch.cat([dy, dh], -1)
-            dx = grads @ stacked if ctx.needs_input_grad[0] else None
+            grads = torch.cat(parts, -1).reshape(-1, stacked.shape[0])
+            dx = (grads @ stacked).view(*lead, -1) if ctx.needs_input_grad[0] else None
             flat_x = xc.reshape(-1, xc.shape[-1])
-            d_down = dh.reshape(-1, dh.shape[-1]).t() @ flat_x
+            d_down = grads[:, d_out:].t() @ flat_x
             dw0 = db0 = None
             if ctx.needs_input_grad[1]:
-                dw0 = _cast(dy.reshape(-1, d_out).t() @ flat_x, w0_dtype)
+                dw0 = _cast(grads[:, :d_out].t() @ flat_x, w0_dtype)
             if has_bias and ctx.needs_input_grad[2]:
-                db0 = _cast(dy.reshape(-1, d_out).sum(0), w0_dtype)
+                db0 = _cast(grads[:, :d_out].sum(0), w0_dtype)
         return (_cast(dx, x_dtype) if dx is not None else None, dw0, db0,
-                _cast(d_down, down_dtype), None)
+                _cast(d_down, down_dtype), None, None)
 
 
 class MoLoRALinear(nn.Module):
@@ -154,18 +154,19 @@ class MoLoRALinear(nn.Module):
     stack_base = True
 
     def forward(self, x: Tensor) -> Tensor:
+        total_rank = self.num_experts * self.rank
         if self.stack_base:
-            y, h = StackedLinear.apply(x, self.base.weight, self.base.bias, self.down_weight(),
-                                       compute_dtype(x))
+            y, a, rows = StackedLinear.apply(x, self.base.weight, self.base.bias,
+                                             self.down_weight(), compute_dtype(x), total_rank)
         else:
             y = self.base(x)
             h = F.linear(x, self.down_weight().to(compute_dtype(x)))
-        total_rank = self.num_experts * self.rank
-        a = self.dropout(h[..., :total_rank])
+            a, rows = h[..., :total_rank], h[..., total_rank:]
+        a = self.dropout(a)
         if self.selection is None:  # plain LoRA
             gated = a * self.scaling
         else:
-            gated = self.route(a, h[..., total_rank:], x)
+            gated = self.route(a, rows, x)
         out = torch.addmm(y.reshape(-1, y.shape[-1]), gated.reshape(-1, total_rank),
                           self.lora_B.to(gated.dtype).t())
         return out.view(y.shape)

@@ -651,3 +651,32 @@ def test_threshold_gate_backward_passes_gradcheck(per_token_tau, prior):
         return gated, (p * d_p).sum()
 
     assert torch.autograd.gradcheck(f, (a, logits, log_g, beta, tau), atol=1e-8)
+
+
+def test_pending_finite_flags_are_polled_without_waiting_and_checked_on_demand():
+    """The CUDA path's bookkeeping, with a stand-in event: a block start (wait=False) checks
+    only flags whose copy has finished, or the oldest beyond MAX_PENDING_FLAGS."""
+    from hdmole.adapters.context import MAX_PENDING_FLAGS, RoutingState
+
+    class Event:
+        def __init__(self, done: bool) -> None:
+            self.done, self.waited = done, False
+
+        def query(self) -> bool:
+            return self.done
+
+        def synchronize(self) -> None:
+            self.waited = True
+
+    state = RoutingState(num_experts=2, num_accents=2, want_balance=False, want_z=False)
+    busy = Event(done=False)
+    state.pending_flags.append((["layer 'x'"], torch.tensor([False]), busy))
+    state.check_pending(wait=False)  # copy not finished: no wait, no error yet
+    assert not busy.waited and len(state.pending_flags) == 1
+    for _ in range(MAX_PENDING_FLAGS):
+        state.pending_flags.append((["layer 'y'"], torch.tensor([True]), Event(done=False)))
+    with pytest.raises(FloatingPointError, match="layer 'x'"):
+        state.check_pending(wait=False)  # too many pending: the oldest is waited for
+    assert busy.waited
+    state.check_pending(wait=True)
+    assert state.pending_flags == []

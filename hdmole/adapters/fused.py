@@ -1,10 +1,12 @@
 """The routing arithmetic of one MoLoRALinear call as one pure function, run eagerly or
 through torch.compile (AdapterConfig.compile).
 
-At the paper shape the routing tensors are small ((16384, 8) fp32) and the eager path is
-launch-bound: a dozen tiny kernels forward and as many backward. Compiled (Inductor/Triton on
-CUDA) the whole function becomes one or two fused kernels each way. The arithmetic is the
-same either way; tests compare both paths in float64 (values and gradients).
+At the paper shape the routing tensors are small ((16384, 8) fp32) and the generic eager
+path is launch-bound: some twenty tiny kernels forward and more backward, each with its
+autograd record. Compiled (Inductor/Triton on CUDA) the function becomes a few fused kernels
+each way. Eager, the common HDMoLE form (softmax-of-logits combination + threshold selection)
+runs as one autograd Function with a hand-written backward (ThresholdGate). The arithmetic is
+the same on every path; tests compare them in float64 (values and gradients).
 
 compile = "auto": compiled on CUDA when gradients are enabled (training), eager otherwise
 (CPU, inference, CUDA-graph capture); "true": compiled wherever possible; "false": eager.
@@ -22,6 +24,7 @@ from torch import Tensor
 
 from .routing import Combination
 from .selection import Selection
+
 # Backend of torch.compile; tests set "aot_eager" (traces and differentiates the graph like
 # Inductor but needs no C++/Triton compiler).
 COMPILE_BACKEND = "inductor"
@@ -129,8 +132,9 @@ def run_route_and_gate(combination: Combination, selection: Selection, a: Tensor
             return out
         except Exception as err:  # noqa: BLE001 - any compiler failure: eager is still exact
             _compile_error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
-            warnings.warn(f"hdmole adapters: torch.compile of the routing failed ({_compile_error}); "
-                          "falling back to eager for this process", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"hdmole adapters: torch.compile of the routing failed "
+                          f"({_compile_error}); falling back to eager for this process",
+                          RuntimeWarning, stacklevel=2)
     out = route_and_gate(*args)
     last_path = "eager" if _compile_error is None else f"eager (compile failed: {_compile_error})"
     return out

@@ -29,7 +29,7 @@ from .selection import Selection
 # Inductor but needs no C++/Triton compiler).
 COMPILE_BACKEND = "inductor"
 
-# One compiled function per (combination, selection, finite check), each with its own code
+# One compiled function per (combination, selection) pair, each with its own code
 # object: Dynamo's recompile limit counts per code object, and a model (or the benchmark)
 # may use several strategies; layers of different widths share one entry (dynamic strides).
 _compiled: dict[tuple, Callable] = {}
@@ -114,10 +114,11 @@ def run_route_and_gate(combination: Combination, selection: Selection, a: Tensor
                        check_finite: bool, mode: str = "auto"):
     """route_and_gate, compiled or eager according to `mode` (see the module docstring)."""
     global _compiled, _compile_error, last_path
-    args = (combination, selection, a, rows, log_g, scaling, num_experts, rank, check_finite)
     if _use_compiled(mode, a):
+        # the flag is one fused reduction when compiled: always computed (one graph fewer)
+        args = (combination, selection, a, rows, log_g, scaling, num_experts, rank, True)
         try:
-            key = (type(combination).__name__, type(selection).__name__, check_finite)
+            key = (type(combination).__name__, type(selection).__name__)
             first = key not in _compiled
             if first:
                 code = route_and_gate.__code__.replace(co_name="route_and_gate_" + "_".join(
@@ -129,13 +130,14 @@ def run_route_and_gate(combination: Combination, selection: Selection, a: Tensor
                     _probe(_compiled[key], args)
                 out = _compiled[key](*args)
             last_path = "compiled"
-            return out
+            return out if check_finite else (*out[:5], None)
         except Exception as err:  # noqa: BLE001 - any compiler failure: eager is still exact
             _compile_error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
             warnings.warn(f"hdmole adapters: torch.compile of the routing failed "
                           f"({_compile_error}); falling back to eager for this process",
                           RuntimeWarning, stacklevel=2)
-    out = route_and_gate(*args)
+    out = route_and_gate(combination, selection, a, rows, log_g, scaling, num_experts, rank,
+                         check_finite)
     last_path = "eager" if _compile_error is None else f"eager (compile failed: {_compile_error})"
     return out
 

@@ -25,8 +25,8 @@ part() {  # part NAME SECONDS CMD...
     echo "=== ${name}: rc=${rc} in $(( SECONDS - t0 )) s"
     [ "${rc}" -eq 0 ] || status=1
 }
-part gpu_tests 90 python -m pytest -q -m gpu -p no:cacheprovider tests/test_adapters.py tests/test_model.py
-part adapter_layer 60 python bench/adapter_layer.py --shape paper --out "${out}/adapter_layer.json"
+part gpu_tests 120 python -m pytest -q -m gpu -p no:cacheprovider tests/test_adapters.py tests/test_model.py
+part adapter_layer 120 python bench/adapter_layer.py --shape paper --out "${out}/adapter_layer.json"
 part model_throughput 220 python bench/model_throughput.py --scale paper --out "${out}/model_throughput.json"
 part paper_smoke 170 python bench/paper_scale_smoke.py --out "${out}/paper_scale_smoke.json"
 exit "${status}"

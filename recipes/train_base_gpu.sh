@@ -100,6 +100,7 @@ cat "${exp_root}/base_model_encoder/command.txt" "${exp_root}/base_model/command
 cp "${exp_root}/base_model/versions.json" "${out}/versions.json"
 
 # ---- evaluate the shipped files: install, decode every test set, score -----------------------
+if [ "${EVAL:-1}" = 0 ]; then log "EVAL=0: shipped base not evaluated here"; exit 0; fi
 ./run.sh --skip-setup true --size "${size}" --seed "${seed}" --nj "${nj}" --exp-tag "${exp_tag}_shipped" \
     --pretrained "${out}" --adapter base --stage 2 --stop-stage 5
 cp "exp/${exp_tag}_shipped/base/RESULTS.md" "${out}/RESULTS.md"

@@ -164,6 +164,72 @@ def test_asr_weight_zero_trains_encoder_with_ctc_only(tiny_dirs):
     assert set(m.ctc_transcribe(make_batch([80, 60]))) == {"utt0", "utt1"}
 
 
+
+def _sdpa_zero_forward_nan_backward(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                    enable_gqa=False, **_):
+    """SDPA as CUDA's memory-efficient kernel treats a query row with no key: 0 in the forward,
+    NaN in the backward (the softmax of an all -inf row is NaN; zeroing it afterwards hides it
+    from the forward only). Exact elsewhere."""
+    if enable_gqa:
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    scores = query @ key.transpose(-1, -2) * (scale if scale is not None else query.shape[-1] ** -0.5)
+    allowed = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device)
+    if is_causal:
+        allowed = allowed.tril()
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        allowed = allowed & attn_mask
+    elif attn_mask is not None:  # additive (finite minimum: no row is empty)
+        scores = scores + attn_mask
+    bias = torch.zeros_like(allowed, dtype=scores.dtype).masked_fill(~allowed, float("-inf"))
+    weights = torch.softmax(scores + bias, dim=-1)  # additive bias as the kernel: no gradient masking
+    weights = torch.where(allowed.any(-1, keepdim=True), weights, 0.0)
+    return weights @ value
+
+
+def test_left_padded_training_gives_finite_gradients_with_keyless_rows_nan_kernel(tiny_dirs, monkeypatch):
+    # H200 stage 2b: "non-finite gradient ... llm.model.embed_tokens.weight" with a finite loss.
+    # Left-pad query rows had no key under the stock causal & padding mask.
+    batch = make_batch([230, 96, 150, 57], seed=3)
+    grads = {}
+    for kernel in ("torch", "nan_prone"):
+        torch.manual_seed(0)
+        m = LLMASR.from_config(make_config(tiny_dirs, freeze_encoder=True, freeze_llm=False), "cpu").train()
+        with monkeypatch.context() as patch:
+            if kernel == "nan_prone":
+                patch.setattr(torch.nn.functional, "scaled_dot_product_attention", _sdpa_zero_forward_nan_backward)
+            out = m(batch)
+            out.loss.backward()
+        grads[kernel] = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+        assert "llm.model.embed_tokens.weight" in grads[kernel] and "projector.linear1.weight" in grads[kernel]
+        bad = [n for n, g in grads[kernel].items() if not torch.isfinite(g).all()]
+        assert not bad, f"{kernel}: non-finite gradients in {bad[:3]}"
+    for name, g in grads["torch"].items():
+        torch.testing.assert_close(grads["nan_prone"][name], g, atol=1e-5, rtol=1e-4)
+
+
+def test_training_mask_lets_only_pad_queries_attend_to_themselves(model, monkeypatch):
+    from hdmole.model import asr, llm
+
+    layout = model.prompts.layout([3, 1, 5], [model.prompts.answer_ids(t) for t in SAMPLE_SENTENCES[:3]])
+    real = layout.attention_mask.bool()
+    mask = llm.training_attention_mask(model.llm, layout.attention_mask, model.device)["full_attention"][:, 0]
+    assert mask.any(-1).all()  # every query row has a key
+    length = real.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    stock = causal[None] & real[:, None, :]
+    assert torch.equal(mask[real], stock[real])  # real queries: causal over real keys, as before
+    assert torch.equal(mask[~real], torch.eye(length, dtype=torch.bool)[None].expand_as(mask)[~real])
+    unpadded = layout.attention_mask[:1, -5:]
+    assert llm.training_attention_mask(model.llm, unpadded, model.device) is not None
+    assert torch.is_tensor(llm.training_attention_mask(model.llm, unpadded, model.device))  # no padding: stock path
+    # Same loss as the stock 2D mask (transformers' own causal & padding mask).
+    batch = make_batch([120, 64, 90])
+    fixed = model(batch).loss
+    monkeypatch.setattr(asr, "training_attention_mask", lambda llm_, mask_, device: mask_.to(device))
+    torch.testing.assert_close(model(batch).loss, fixed, atol=1e-6, rtol=1e-6)
+
+
 # ---- decoding -----------------------------------------------------------------------------
 def test_batched_greedy_equals_batch_of_one(model):
     batch = make_batch([230, 96, 150, 57], seed=3)

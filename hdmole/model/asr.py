@@ -22,7 +22,7 @@ from hdmole.model.config import ModelConfig
 from hdmole.model.ctc_units import make_ctc_units
 from hdmole.model.decoding import StoppingRules, beam_search, greedy_search, make_stepper
 from hdmole.model.encoder import SpeechEncoder, load_whisper_encoder
-from hdmole.model.llm import IGNORE_INDEX, PromptBuilder, load_llm, load_tokenizer
+from hdmole.model.llm import IGNORE_INDEX, PromptBuilder, load_llm, load_tokenizer, training_attention_mask
 from hdmole.model.projector import FrameConcatProjector
 from hdmole.model.specaug import spec_augment
 
@@ -194,8 +194,9 @@ class LLMASR(nn.Module):
                 speech, n_speech = self.project(enc, enc_lens, batch)
                 layout = self.prompts.layout(n_speech.tolist(), answers)
                 embeds = self._embed(layout, speech, n_speech)
+                mask = training_attention_mask(self.llm, layout.attention_mask, self.device)
                 hidden = self.llm.get_decoder()(
-                    inputs_embeds=embeds, attention_mask=layout.attention_mask.to(self.device),
+                    inputs_embeds=embeds, attention_mask=mask,
                     position_ids=layout.position_ids.to(self.device), use_cache=False).last_hidden_state
                 labels = layout.labels[:, 1:].to(self.device)
                 predict = labels != IGNORE_INDEX

@@ -8,6 +8,10 @@ Sequence layout (one utterance, left-padded in a batch):
 The chat prefix/suffix come from the tokenizer's own chat template rendered around a speech
 placeholder, so a real Qwen tokenizer and the project's tiny one build prompts the same way.
 Decoding feeds everything up to the chat suffix: it is a prefix of the training sequence.
+
+Training hands SDPA a causal mask in which each left-pad query attends to itself
+(`training_attention_mask`): with the stock mask those rows have no key at all, and CUDA's
+memory-efficient SDPA backward can turn such rows into NaN gradients (forward finite).
 """
 from __future__ import annotations
 
@@ -119,6 +123,30 @@ class PromptBuilder:
             labels[i, start:] = torch.tensor(lab)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         return PromptLayout(token_ids, speech_mask, attention_mask, position_ids, labels if answers is not None else None)
+
+
+def training_attention_mask(llm: PreTrainedModel, attention_mask: torch.Tensor,
+                            device: torch.device) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The `attention_mask` argument (on `device`) for a training forward of a left-padded batch
+    whose 2D mask (`PromptLayout.attention_mask`) is `attention_mask`.
+
+    Under SDPA, transformers 5 turns the 2D mask into causal & key-is-real: a left-pad query row
+    then has no key to attend to. SDPA kernels return 0 for such a row, but CUDA's memory-efficient
+    backward can return NaN there (shape dependent), which flows into the embedding and
+    projection gradients although the loss ignores those positions. Here a pad query attends to
+    itself only; real rows are unchanged (no real query sees a pad key), so losses and gradients
+    are the same. Other attention implementations get the 2D mask (eager adds a finite minimum;
+    flash attention unpads).
+    """
+    if llm.config._attn_implementation != "sdpa" or bool(attention_mask.all()):
+        return attention_mask.to(device)  # without padding transformers uses is_causal (flash kernel)
+    layer_types = set(getattr(llm.config.get_text_config(), "layer_types", None) or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        raise ValueError(f"training_attention_mask builds full causal masks only; this LLM has layers {sorted(layer_types)}")
+    length = attention_mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    mask = (causal[None] & attention_mask.to(device).bool()[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device)[None]
+    return {"full_attention": mask[:, None]}  # (B, 1, L, L), True = attend
 
 
 def _token_id(tokenizer: PreTrainedTokenizerBase, token: str, what: str) -> int:

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from hdmole.model.config import DEFAULT_INSTRUCTION
-from hdmole.model.llm import PromptBuilder
+from hdmole.model.llm import PromptBuilder, training_attention_mask
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,8 @@ def pretrain_text_lm(
     for _ in tqdm(range(steps), desc="text pre-training", leave=False):
         idx = torch.randint(len(sentences), (min(batch_size, len(sentences)),), generator=gen).tolist()
         layout = prompts.layout([0] * len(idx), [prompts.answer_ids(sentences[i]) for i in idx])
-        out = llm(input_ids=layout.token_ids, attention_mask=layout.attention_mask,
+        mask = training_attention_mask(llm, layout.attention_mask, llm.device)  # no key-less pad rows
+        out = llm(input_ids=layout.token_ids, attention_mask=mask,
                   position_ids=layout.position_ids, labels=layout.labels)
         optim.zero_grad()
         out.loss.backward()

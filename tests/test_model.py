@@ -230,6 +230,36 @@ def test_training_mask_lets_only_pad_queries_attend_to_themselves(model, monkeyp
     torch.testing.assert_close(model(batch).loss, fixed, atol=1e-6, rtol=1e-6)
 
 
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_left_padded_training_gradients_finite_with_cuda_memory_efficient_sdpa(tiny_dirs, dtype, monkeypatch):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from hdmole.model import asr
+
+    m = LLMASR.from_config(make_config(tiny_dirs, dtype=dtype, freeze_encoder=True, freeze_llm=False), "cuda").train()
+    gen = torch.Generator().manual_seed(0)
+
+    def nonfinite_batches() -> int:
+        count = 0
+        for seed in range(24):  # batch sizes and padded lengths vary (the H200 failure was shape dependent)
+            lens = torch.randint(40, 400, (int(torch.randint(2, 40, (1,), generator=gen)),), generator=gen).tolist()
+            m.zero_grad(set_to_none=True)
+            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+                out = m(make_batch(lens, seed=seed))
+                out.loss.backward()
+            assert torch.isfinite(out.loss)
+            count += not all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+        return count
+
+    assert nonfinite_batches() == 0
+    with monkeypatch.context() as patch:  # the stock 2D mask, for the record (-s shows it)
+        patch.setattr(asr, "training_attention_mask", lambda llm, mask, device: mask.to(device))
+        print(f"{dtype}: stock mask gave non-finite gradients in {nonfinite_batches()} of 24 batches")
+
+
 # ---- decoding -----------------------------------------------------------------------------
 def test_batched_greedy_equals_batch_of_one(model):
     batch = make_batch([230, 96, 150, 57], seed=3)

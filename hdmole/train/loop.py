@@ -230,8 +230,10 @@ class Trainer:
                 [p.grad.detach().norm() for p in self.params if p.grad is not None]))
         norm = torch.tensor(self.parallel.scalar(norm))
         if not torch.isfinite(norm):
-            raise NonFiniteError(f"non-finite gradient at step {self.state.step + 1}: first in parameter "
-                                 f"'{first_nonfinite_grad(self.model)}'")
+            ids = [i for batch in micro for i in (getattr(batch, "ids", None) or [])]
+            raise NonFiniteError(f"non-finite gradient at step {self.state.step + 1} (loss {sums.get('loss')}): "
+                                 f"first in parameter '{first_nonfinite_grad(self.model)}'; "
+                                 f"{len(ids)} utterances in the step: {ids[:20]}{' ...' if len(ids) > 20 else ''}")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

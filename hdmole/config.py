@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from hdmole.adapters.config import AdapterConfig
 from hdmole.data.config import DataConfig
 from hdmole.decode import DecodeConfig
+from hdmole.fileio import write_text_atomic
 from hdmole.model.config import ModelConfig
 from hdmole.train.config import TrainConfig
 
@@ -76,9 +77,7 @@ def to_object(cfg: DictConfig) -> ExperimentConfig:
 def save_resolved(cfg: DictConfig, exp_dir: Path) -> Path:
     exp_dir.mkdir(parents=True, exist_ok=True)
     path = exp_dir / RESOLVED_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))
     return path
 
 

@@ -23,6 +23,7 @@ import kaldialign
 
 from hdmole.data.accents import ACCENTS, SOURCE_ACCENT
 from hdmole.data.text import normalize_text
+from hdmole.fileio import write_text_atomic
 
 EPS = "*"
 # Source-domain test sets (standard Mandarin, AISHELL-style); every other set is a target set
@@ -49,13 +50,8 @@ def read_keyed(path: Path, allow_empty_value: bool = True) -> dict[str, str]:
 
 
 def write_keyed(path: Path, values: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for key in sorted(values):
-            text = values[key].replace("\t", " ").replace("\n", " ")
-            f.write(f"{key}\t{text}\n")
-    tmp.replace(path)
+    lines = (f"{key}\t{values[key].replace(chr(9), ' ').replace(chr(10), ' ')}\n" for key in sorted(values))
+    write_text_atomic(path, "".join(lines))
 
 
 # ---- CER ---------------------------------------------------------------------------------------

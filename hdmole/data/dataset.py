@@ -16,6 +16,7 @@ import torch
 from hdmole.batch import Batch
 from hdmole.data.accents import accent_id
 from hdmole.data.config import DataConfig
+from hdmole.fileio import atomic_output
 
 SAMPLE_RATE = 16000
 HOP_LENGTH = 160  # 100 frames per second
@@ -62,10 +63,8 @@ class FeatureCache:
         if path.exists():
             return np.load(path).astype(np.float32)
         feats = compute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, feats.astype(np.float16))
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            np.save(tmp, feats.astype(np.float16))
         return feats.astype(np.float16).astype(np.float32)  # same values as a later cache hit
 
 

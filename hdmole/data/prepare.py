@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Sequence
 from hdmole.data.accents import LABEL_ALIASES
 from hdmole.data.config import DataConfig
 from hdmole.data.text import normalize_text, unsupported_chars
+from hdmole.fileio import atomic_output
 
 log = logging.getLogger(__name__)
 SAMPLE_RATE = 16000
@@ -398,10 +399,8 @@ def filter_cuts(cuts, cfg: DataConfig, split: str, report: PrepReport):
 
 
 def _write_cuts(cuts, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp.{path.name}")  # keeps the .jsonl.gz suffix lhotse dispatches on
-    cuts.to_file(tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:  # the temporary keeps the .jsonl.gz suffix lhotse dispatches on
+        cuts.to_file(tmp)
 
 
 def prepare_corpus(corpus: str, cfg: DataConfig) -> PrepReport:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -35,8 +34,14 @@ from hdmole.data.accent_rules import (
     style_table_markdown,
 )
 from hdmole.data.accents import ACCENTS
-from hdmole.data.sentences import Sentence, candidate_sentences, select_inventory, sentence_text
+from hdmole.data.sentences import (
+    Sentence,
+    candidate_sentences,
+    select_inventory,
+    sentence_text,
+)
 from hdmole.data.speech import SAMPLE_RATE, VOICE_VARIANTS, Espeak, Voice, apply_channel
+from hdmole.fileio import atomic_output, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -235,10 +240,8 @@ def render_block(block: list[UttPlan], root: str) -> list[tuple[str, int]]:
         engine.seed(plan.noise_seed)
         audio = engine.synthesize(plan.pinyin, plan.voice)
         audio = apply_channel(audio, plan.channel, plan.snr_db, plan.gain_dbfs, plan.noise_seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        sf.write(str(tmp), np.clip(audio, -1.0, 1.0), SAMPLE_RATE, subtype="PCM_16", format="WAV")
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            sf.write(str(tmp), np.clip(audio, -1.0, 1.0), SAMPLE_RATE, subtype="PCM_16", format="WAV")
         out.append((plan.utt_id, int(audio.shape[0])))
     return out
 
@@ -247,16 +250,9 @@ def _render_star(args: tuple[list[UttPlan], str]) -> list[tuple[str, int]]:
     return render_block(*args)
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_layouts(out: Path, utts: list[UttPlan]) -> None:
     aishell = sorted((u for u in utts if u.corpus == "aishell"), key=lambda u: u.utt_id)
-    _write_text(out / "aishell/data_aishell/transcript/aishell_transcript_v0.8.txt",
+    write_text_atomic(out / "aishell/data_aishell/transcript/aishell_transcript_v0.8.txt",
                 "".join(f"{u.utt_id} {' '.join(u.words)}\n" for u in aishell))
     by_part: dict[str, list[UttPlan]] = {}
     for u in utts:
@@ -266,10 +262,10 @@ def _write_layouts(out: Path, utts: list[UttPlan]) -> None:
         items.sort(key=lambda u: u.utt_id)
         d = out / "KeSpeech/Tasks/ASR" / part
         rel = lambda u: u.rel_path.removeprefix("KeSpeech/")  # noqa: E731 - paths relative to the corpus dir
-        _write_text(d / "wav.scp", "".join(f"{u.utt_id} {rel(u)}\n" for u in items))
-        _write_text(d / "text", "".join(f"{u.utt_id} {u.text}\n" for u in items))
-        _write_text(d / "utt2subdialect", "".join(f"{u.utt_id} {u.accent}\n" for u in items))
-        _write_text(d / "utt2spk", "".join(f"{u.utt_id} {u.speaker}\n" for u in items))
+        write_text_atomic(d / "wav.scp", "".join(f"{u.utt_id} {rel(u)}\n" for u in items))
+        write_text_atomic(d / "text", "".join(f"{u.utt_id} {u.text}\n" for u in items))
+        write_text_atomic(d / "utt2subdialect", "".join(f"{u.utt_id} {u.accent}\n" for u in items))
+        write_text_atomic(d / "utt2spk", "".join(f"{u.utt_id} {u.speaker}\n" for u in items))
 
 
 def _counts_table(utts: list[UttPlan], samples: dict[str, int]) -> tuple[dict, str]:
@@ -340,7 +336,7 @@ def generate(out: str | Path, size_name: str = "default", seed: int = 0, nj: int
             shutil.rmtree(out / sub, ignore_errors=True)
         manifest_path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(plan_marker, digest + "\n")
+    write_text_atomic(plan_marker, digest + "\n")
 
     samples: dict[str, int] = {}
     utts = plan.utterances
@@ -363,13 +359,13 @@ def generate(out: str | Path, size_name: str = "default", seed: int = 0, nj: int
     _write_layouts(out, plan.utterances)
     counts, counts_md = _counts_table(plan.utterances, samples)
     size = SIZES[size_name]
-    _write_text(out / "inventory.txt", "".join(f"{ch}\n" for ch in plan.inventory))
+    write_text_atomic(out / "inventory.txt", "".join(f"{ch}\n" for ch in plan.inventory))
     stats_md = "\n".join(f"- {k}: {v}" for k, v in plan.text_stats.items())
-    _write_text(out / "README.md", README_TEMPLATE.format(
+    write_text_atomic(out / "README.md", README_TEMPLATE.format(
         version=CORPUS_VERSION, size=size_name, seed=seed, inventory_size=len(plan.inventory),
         min_char_count=size.min_char_count, text_stats=stats_md, rules=rule_table_markdown(),
         styles=style_table_markdown(), counts=counts_md))
-    _write_text(out / "LICENCE.md", "Transcripts: CC-BY-SA-4.0, derived from hsk-sentences-audio "
+    write_text_atomic(out / "LICENCE.md", "Transcripts: CC-BY-SA-4.0, derived from hsk-sentences-audio "
                 "(https://github.com/no7z/hsk-sentences-audio). See README.md.\n"
                 "https://creativecommons.org/licenses/by-sa/4.0/legalcode\n")
     manifest = {
@@ -378,6 +374,6 @@ def generate(out: str | Path, size_name: str = "default", seed: int = 0, nj: int
         "num_utterances": len(plan.utterances),
         "hours": round(sum(samples.values()) / SAMPLE_RATE / 3600, 4),
     }
-    _write_text(manifest_path, json.dumps(manifest, ensure_ascii=False, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(manifest_path, json.dumps(manifest, ensure_ascii=False, indent=1, sort_keys=True) + "\n")
     plan_marker.unlink(missing_ok=True)
     return manifest

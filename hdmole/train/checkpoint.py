@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from hdmole.fileio import atomic_output
+
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The parameters that training changes (requires_grad), by qualified name, on CPU."""
@@ -55,22 +57,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save to `path` so that readers see the old file or the complete new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    with atomic_output(path, durable=True) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def checkpoint_bytes(params: list[torch.Tensor]) -> int:

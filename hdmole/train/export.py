@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from hdmole.fileio import atomic_output
+
 log = logging.getLogger(__name__)
 
 WEIGHTS = "weights.safetensors"
@@ -33,9 +35,8 @@ def save_export(run_dir: Path, state: dict[str, torch.Tensor], info: dict[str, A
     out = export_dir(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / DONE).unlink(missing_ok=True)
-    tmp = out / f".{WEIGHTS}.tmp"
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(tmp))
-    tmp.replace(out / WEIGHTS)
+    with atomic_output(out / WEIGHTS) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(tmp))
     (out / INFO).write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / DONE).write_text(f"{run_dir} step={info.get('step')} tensors={len(state)} "
                             f"time={time.strftime('%Y-%m-%dT%H:%M:%S')}\n", encoding="utf-8")

@@ -13,7 +13,8 @@
 # Environment: BUDGET_S (training seconds, 2a + 2b; default 270), ENC_SHARE (share of it for
 # 2a; default 0.4), SIZE (default), NJ (16), SEED (corpus seed, 0), TEXT_STEPS (LM text
 # pre-training steps, 0 as run.sh), BATCH_S (seconds of audio per batch, 240), WORKERS (loader
-# processes, 10), EXP_TAG (base_gpu_<size>).
+# processes, 10), EXP_TAG (base_gpu_<size>), MAX_SKIPPED (updates with a non-finite gradient that
+# may be skipped per phase, 20).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 [ $# -eq 1 ] || { echo "usage: $0 OUT_DIR" >&2; exit 1; }
@@ -27,6 +28,7 @@ text_steps="${TEXT_STEPS:-0}"
 batch_s="${BATCH_S:-240}"
 workers="${WORKERS:-10}"
 exp_tag="${EXP_TAG:-base_gpu_${size}}"
+max_skipped="${MAX_SKIPPED:-20}"
 log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') (train_base_gpu.sh) $*" >&2; }
 
 . ./path.sh
@@ -60,14 +62,14 @@ rm -rf "${exp_root}/base_model_encoder" "${exp_root}/base_model"
 t0=${SECONDS}
 python -m hdmole.bin.train "${common[@]}" "${loader[@]}" experiment=base_encoder_long \
     "exp_dir=${exp_root}/base_model_encoder" "train.max_minutes=${enc_min}" train.max_steps=100000 \
-    train.max_epochs=1000 train.decay_by_time=true
+    train.max_epochs=1000 train.decay_by_time=true train.max_skipped_steps="${max_skipped}"
 log "stage 2a done in $(( SECONDS - t0 )) s"
 
 # ---- stage 2b: encoder frozen; projector + LLM --------------------------------------------
 t0=${SECONDS}
 python -m hdmole.bin.train "${common[@]}" "${loader[@]}" experiment=base_llm_long \
     "exp_dir=${exp_root}/base_model" "train.init_from=${exp_root}/base_model_encoder" \
-    "train.max_minutes=${llm_min}" train.max_steps=100000 train.max_epochs=1000 train.decay_by_time=true
+    "train.max_minutes=${llm_min}" train.max_steps=100000 train.max_epochs=1000 train.decay_by_time=true train.max_skipped_steps="${max_skipped}"
 log "stage 2b done in $(( SECONDS - t0 )) s"
 
 # ---- export the shipped files ----------------------------------------------------------------

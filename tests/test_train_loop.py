@@ -167,6 +167,36 @@ def test_nan_guard_names_step_and_layer(tmp_path: Path):
         Trainer(m, cfg(), tmp_path / "b", make_batches()).fit()
 
 
+class PoisonedGradient(Toy):
+    """Finite loss, NaN gradient for every head weight on the batch holding utterance `bad`."""
+
+    def __init__(self, bad: str = "u2_0"):
+        super().__init__()
+        self.bad, self.poisoned = bad, 0
+
+    def forward(self, batch: Batch) -> Out:
+        out = super().forward(batch)
+        if self.bad in batch.ids and out.loss.requires_grad:
+            self.poisoned += 1
+            out.loss.register_hook(lambda g: g * float("nan"))
+        return out
+
+
+def test_nonfinite_gradient_steps_are_skipped_counted_and_bounded(tmp_path: Path):
+    with pytest.raises(NonFiniteError, match=r"gradient at step \d+.*u2_0.*max_skipped_steps=0"):
+        Trainer(PoisonedGradient(), cfg(), tmp_path / "strict", make_batches()).fit()
+    torch.manual_seed(7)
+    m = PoisonedGradient()
+    st = Trainer(m, cfg(max_skipped_steps=100), tmp_path / "skip", make_batches()).fit()
+    assert m.poisoned > 1 and st.skipped_steps == m.poisoned  # every poisoned step skipped, none other
+    assert st.step == 12 and st.stop_reason == "max_steps"  # skipped updates are not counted as steps
+    assert all(torch.isfinite(p).all() for p in m.parameters() if p.requires_grad)
+    assert load_checkpoint(tmp_path / "skip" / "checkpoints" / LAST)["state"]["skipped_steps"] == st.skipped_steps
+    torch.manual_seed(7)
+    with pytest.raises(NonFiniteError, match=r"skipped 1 before, train.max_skipped_steps=1"):
+        Trainer(PoisonedGradient(), cfg(max_skipped_steps=1), tmp_path / "bounded", make_batches()).fit()
+
+
 def test_atomic_save_never_leaves_partial_checkpoint(tmp_path: Path, monkeypatch):
     path = tmp_path / "ck.pt"
     atomic_torch_save({"format": "hdmole-train-v1", "v": 1}, path)

@@ -30,6 +30,10 @@ class TrainConfig:
     # rate is not known in advance) then still anneals to min_lr by its end.
     decay_by_time: bool = False
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # Optimiser steps whose gradient is non-finite may be skipped (zeroed, counted, logged with
+    # their utterance ids) up to this many in a run; one more stops training. 0 = stop at the
+    # first, for debugging. A non-finite *loss* always stops (it names the layer).
+    max_skipped_steps: int = 0
     accum_steps: int = 1
     # auto: bf16 autocast on CUDA, fp32 on CPU. Explicit: fp32 | bf16.
     precision: str = "auto"

@@ -50,6 +50,7 @@ class TrainState:
     bad_validations: int = 0
     elapsed_s: float = 0.0
     stop_reason: str = ""
+    skipped_steps: int = 0  # optimiser steps skipped for a non-finite gradient
 
 
 class _Losses(nn.Module):
@@ -209,7 +210,8 @@ class Trainer:
                              f"{self.state.epoch}; first non-finite output in layer "
                              f"'{layer or 'none (forward finite on re-run)'}'; batch ids {ids}")
 
-    def _step(self, micro: list[Any]) -> dict[str, float]:
+    def _step(self, micro: list[Any]) -> dict[str, float] | None:
+        """One optimiser update over the micro-batches; None when it was skipped."""
         sums: dict[str, float] = {}
         for i, batch in enumerate(micro):
             batch = batch.to(self.device)
@@ -231,9 +233,17 @@ class Trainer:
         norm = torch.tensor(self.parallel.scalar(norm))
         if not torch.isfinite(norm):
             ids = [i for batch in micro for i in (getattr(batch, "ids", None) or [])]
-            raise NonFiniteError(f"non-finite gradient at step {self.state.step + 1} (loss {sums.get('loss')}): "
-                                 f"first in parameter '{first_nonfinite_grad(self.model)}'; "
-                                 f"{len(ids)} utterances in the step: {ids[:20]}{' ...' if len(ids) > 20 else ''}")
+            what = (f"non-finite gradient at step {self.state.step + 1} (loss {sums.get('loss')}): "
+                    f"first in parameter '{first_nonfinite_grad(self.model)}'; "
+                    f"{len(ids)} utterances in the step: {ids[:20]}{' ...' if len(ids) > 20 else ''}")
+            self.state.skipped_steps += 1
+            if self.state.skipped_steps > self.cfg.max_skipped_steps:
+                raise NonFiniteError(f"{what} (skipped {self.state.skipped_steps - 1} before, "
+                                     f"train.max_skipped_steps={self.cfg.max_skipped_steps})")
+            log.warning("skipping the update, %s (%d of at most %d)", what, self.state.skipped_steps,
+                        self.cfg.max_skipped_steps)
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -318,6 +328,8 @@ class Trainer:
                     st.stop_reason = "max_epochs"
                     break
                 values = self._step(micro)
+                if values is None:
+                    continue
                 st.elapsed_s = time.monotonic() - start
                 if cfg.max_minutes > 0:  # one clock for all ranks: same stop step, same lr (decay_by_time)
                     st.elapsed_s = max_over_ranks(st.elapsed_s, self.info, self.device)
@@ -343,6 +355,8 @@ class Trainer:
                     self._save(LAST, full=True)
             if st.stop_reason != "early_stop":
                 self._validate(logger)  # final: best/last always reflect the end of training
+            if st.skipped_steps:
+                log.warning("%d update(s) skipped for a non-finite gradient", st.skipped_steps)
             log.info("training stopped (%s) at step %d; best %s=%.4f at step %d", st.stop_reason, st.step,
                      cfg.metric, st.best_metric, st.best_step)
         finally:

@@ -98,6 +98,23 @@ def measure(device: torch.device, step: Callable[[], None], iters: int) -> float
     return (time.perf_counter() - t0) * 1e3 / iters
 
 
+def capture(step: Callable[[], None]) -> Callable[[], None]:
+    """`step` (forward + backward) captured in a CUDA graph; its replay runs the same kernels
+    without Python, dispatcher or launch costs: the layer's GPU time. Eager timings of small
+    layers are bound by the host's ~10-30 us per op, which a real model hides behind the
+    GPU work of its other layers (the host runs ahead), a lone layer cannot."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as CUDA graph capture requires
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def count_ops(step: Callable[[], None], cuda: bool) -> dict[str, int]:
     """Top-level aten ops (a proxy for kernel launches and dispatcher overhead) and, on CUDA,
     kernels of one call of `step` (fwd+bwd), counted by torch.profiler."""
@@ -131,6 +148,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="rows whose routing uses compile=auto (compiled on CUDA); the "
                              "others run eager. Default hdmole: one compiled graph family, so "
                              "the Inductor warm-up stays short")
+    parser.add_argument("--no-graphs", dest="graphs", action="store_false",
+                        help="CUDA: skip the CUDA-graph replay columns (GPU time without host "
+                             "launch costs)")
     parser.add_argument("--profile", action="store_true",
                         help="count top-level aten ops (CPU) and CUDA kernels of one fwd+bwd per row")
     args = parser.parse_args(argv)
@@ -202,13 +222,15 @@ def main(argv: list[str] | None = None) -> dict:
         module, handle = adapted(replace(local, selection=selection))
         rows.append((f"mole {selection} (fused)",
                      layer_step(module, lambda h=handle: h.routing(token_mask=token_mask))))
+    # Training runs without routing statistics (the trainer turns them on for validation).
     for name, cfg, stats, stack in (
-            ("hdmole (fused, default)", base_cfg, True, True),
-            ("hdmole (eager routing)", replace(base_cfg, compile="false"), True, True),
-            ("hdmole (W0 product separate)", base_cfg, True, False),
-            ("hdmole (no stats/finite check)", replace(base_cfg, check_finite=False), False, True),
+            ("hdmole (fused, default)", base_cfg, False, True),
+            ("hdmole (eager routing)", replace(base_cfg, compile="false"), False, True),
+            ("hdmole (W0 product separate)", base_cfg, False, False),
+            ("hdmole (no finite check)", replace(base_cfg, check_finite=False), False, True),
+            ("hdmole + routing statistics", base_cfg, True, True),
             ("hdmole lambda_balance+z", replace(base_cfg, lambda_balance=0.01, lambda_z=0.001),
-             True, True)):
+             False, True)):
         module, handle = adapted(cfg)
         handle.statistics_enabled = stats
         for layer in handle.layers.values():
@@ -251,28 +273,53 @@ def main(argv: list[str] | None = None) -> dict:
     for _ in range(repeats):
         for name, step in rows:
             samples[name].append(measure(device, step, iters))
+    # GPU time: every row captured once (eager routing: capture never compiles), replays
+    # timed round robin like the eager rows. A row that cannot be captured says why.
+    replays: dict[str, Callable[[], None]] = {}
+    graph_errors: dict[str, str] = {}
+    if cuda and args.graphs:
+        for name, step in rows:
+            try:
+                replays[name] = capture(step)
+            except Exception as err:  # noqa: BLE001 - reported in the row, the others go on
+                graph_errors[name] = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+                torch.cuda.synchronize()
+    graph_samples: dict[str, list[float]] = {name: [] for name in replays}
+    for _ in range(repeats):
+        for name, replay in replays.items():
+            graph_samples[name].append(measure(device, replay, iters))
     pick = statistics.median if cuda else min
     results = [{"name": name, "ms": pick(samples[name]), "peak_mib": peaks[name],
                 "routing_path": paths[name], "samples_ms": samples[name],
-                **counts.get(name, {})} for name, _ in rows]
-    base_ms = results[0]["ms"]
+                "graph_ms": pick(graph_samples[name]) if name in graph_samples else None,
+                "graph_error": graph_errors.get(name), **counts.get(name, {})} for name, _ in rows]
+    base_ms, base_graph_ms = results[0]["ms"], results[0]["graph_ms"]
     for row in results:
         row["ratio_to_base"] = row["ms"] / base_ms
+        row["graph_ratio_to_base"] = (row["graph_ms"] / base_graph_ms
+                                      if row["graph_ms"] is not None and base_graph_ms else None)
 
     device_name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
     print(f"# {device_name}, torch {torch.__version__}, {str(dtype).replace('torch.', '')}, "
           f"threads {torch.get_num_threads()}, shape {shape_name}: {b * t} tokens, "
           f"{d_in} -> {d_out}, {experts} experts rank {rank}; fwd+bwd, "
           f"{'median' if cuda else 'min'} of {repeats} x {iters} iters")
+    graphs = bool(replays)
     print(f"{'layer':<34}{'ms':>10}{'x base':>9}" + (f"{'peak MiB':>11}" if cuda else "")
+          + (f"{'graph ms':>10}{'x base':>9}" if graphs else "")
           + (f"{'aten ops':>10}{'kernels':>9}" if args.profile else "") + "  routing")
     for row in results:
         line = f"{row['name']:<34}{row['ms']:>10.3f}{row['ratio_to_base']:>9.2f}"
         if cuda:
             line += f"{row['peak_mib']:>11.0f}"
+        if graphs:
+            line += (f"{row['graph_ms']:>10.3f}{row['graph_ratio_to_base']:>9.2f}"
+                     if row["graph_ms"] is not None else f"{'-':>10}{'-':>9}")
         if args.profile:
             line += f"{row['aten_ops']:>10}{row['cuda_kernels'] if cuda else '-':>9}"
         print(line + "  " + row["routing_path"])
+    for name, error in graph_errors.items():
+        print(f"# {name}: not captured in a CUDA graph ({error})")
     if fused.last_path.startswith("eager (compile failed"):
         print(f"# routing compile failed, rows ran eager: {fused.last_path}")
     report = {"device": device_name, "torch": torch.__version__, "dtype": str(dtype),

@@ -549,6 +549,46 @@ def test_cuda_bf16_autocast_matches_cpu_fp32(selection, global_router, combine):
         assert p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replay_of_forward_and_backward_matches_eager():
+    # bench/adapter_layer.py times the layer's GPU work as a graph replay: it must be the
+    # same computation (eager routing inside the capture, finite flags dropped there).
+    module, handle = make("threshold", compile="false")
+    module.cuda()
+    handle.cuda()
+    x, feats, fmask, labels, tmask = (t.cuda() for t in batch())
+    x.requires_grad_(True)
+    params = list(handle.trainable_parameters().values())
+
+    def step():
+        x.grad = None
+        for p in params:
+            p.grad = None
+        with handle.routing(feats, fmask, labels, tmask):
+            y = module(x)
+        (y.float().pow(2).mean() + handle.auxiliary_losses()["accent_ce"]).backward()
+        return y
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    want = step().detach().clone()
+    want_grads = [p.grad.clone() for p in params]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.allclose(got, want, atol=1e-5)
+    for p, g in zip(params, want_grads):
+        assert torch.allclose(p.grad, g, atol=1e-5, rtol=1e-4)
+    handle.check_finite()  # the flags of the capture were dropped, the eager ones were fine
+
+
 # ----- compiled routing (fused.py) ----------------------------------------------------------
 @pytest.fixture
 def traced_compile(monkeypatch):

@@ -16,6 +16,10 @@ from .statistics import LayerStatistics
 MAX_PENDING_FLAGS = 4
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class TokenView(NamedTuple):
     """What a layer input of shape (*token_shape, d) needs from the routing block; built once
     per block and token shape, shared by all layers (no per-layer recomputation)."""
@@ -67,8 +71,10 @@ class RoutingState:
         """Check the block's flags without stalling a CUDA stream: on CUDA the flags are
         copied to pinned host memory asynchronously and checked by `check_pending` once
         their copy has completed (polled at each block's start), or on demand
-        (`check_pending(wait=True)`); elsewhere they are checked now."""
-        if not self.finite_flags:
+        (`check_pending(wait=True)`); elsewhere they are checked now. Inside a CUDA-graph
+        capture nothing can be read back (a replay only reruns kernels): flags are dropped."""
+        if not self.finite_flags or _capturing():
+            self.finite_flags = []
             return
         names = [where for where, _ in self.finite_flags]
         flags = torch.stack([flag for _, flag in self.finite_flags])
@@ -85,7 +91,10 @@ class RoutingState:
     def check_pending(self, wait: bool = True) -> None:
         """Raise for non-finite flags of earlier blocks. wait=False (at a block's start)
         checks only flags whose copy has finished, plus the oldest ones beyond
-        MAX_PENDING_FLAGS: no stream sync per block."""
+        MAX_PENDING_FLAGS: no stream sync per block. Never during a CUDA-graph capture
+        (no event may be queried then)."""
+        if _capturing():
+            return
         while self.pending_flags:
             names, host, event = self.pending_flags[0]
             if not (wait or len(self.pending_flags) > MAX_PENDING_FLAGS or event.query()):

@@ -10,8 +10,8 @@
 # encoder frozen, projector + LLM with cross-entropy), export (float16 safetensors) to OUT_DIR,
 # then run.sh stages 2-5 with --pretrained OUT_DIR --adapter base: the shipped files themselves
 # are installed, decoded and scored on the source and every accent test set.
-# Environment: BUDGET_S (training seconds, 2a + 2b; default 270), ENC_SHARE (share of it for
-# 2a; default 0.4), SIZE (default), NJ (16), SEED (corpus seed, 0), TEXT_STEPS (LM text
+# Environment: BUDGET_S (training seconds, 2a + 2b; default 404, the shipped base's), ENC_SHARE
+# (share of it for 2a; default 0.35), SIZE (default), NJ (16), SEED (corpus seed, 0), TEXT_STEPS (LM text
 # pre-training steps, 0 as run.sh), BATCH_S (seconds of audio per batch, 240), WORKERS (loader
 # processes, 10), EXP_TAG (base_gpu_<size>), MAX_SKIPPED (updates with a non-finite gradient that
 # may be skipped per phase, 20).
@@ -22,8 +22,8 @@ out="$1"
 size="${SIZE:-default}"
 nj="${NJ:-16}"
 seed="${SEED:-0}"
-budget_s="${BUDGET_S:-270}"
-enc_share="${ENC_SHARE:-0.4}"
+budget_s="${BUDGET_S:-404}"
+enc_share="${ENC_SHARE:-0.35}"
 text_steps="${TEXT_STEPS:-0}"
 batch_s="${BATCH_S:-240}"
 workers="${WORKERS:-10}"

@@ -192,6 +192,7 @@ def test_nonfinite_gradient_steps_are_skipped_counted_and_bounded(tmp_path: Path
     assert st.step == 12 and st.stop_reason == "max_steps"  # skipped updates are not counted as steps
     assert all(torch.isfinite(p).all() for p in m.parameters() if p.requires_grad)
     assert load_checkpoint(tmp_path / "skip" / "checkpoints" / LAST)["state"]["skipped_steps"] == st.skipped_steps
+    assert [r for r in read_log(tmp_path / "skip") if r["kind"] == "valid"][-1]["skipped_steps"] == st.skipped_steps
     torch.manual_seed(7)
     with pytest.raises(NonFiniteError, match=r"skipped 1 before, train.max_skipped_steps=1"):
         Trainer(PoisonedGradient(), cfg(max_skipped_steps=1), tmp_path / "bounded", make_batches()).fit()

@@ -281,7 +281,8 @@ class Trainer:
         if self.info.is_main:
             if self.routing_stats is not None:
                 logger.log("routing", st.step, self.routing_stats())
-            logger.log("valid", st.step, {**metrics, "best": st.best_metric, "best_step": st.best_step})
+            logger.log("valid", st.step, {**metrics, "best": st.best_metric, "best_step": st.best_step,
+                                          "skipped_steps": st.skipped_steps})
         self._save(LAST, full=True)
         barrier(self.info)
         return stop

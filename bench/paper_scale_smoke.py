@@ -51,7 +51,7 @@ def peak_gib(device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
 
 
-def train_steps(model, batch, scale: mt.Scale, device: torch.device, exp_dir: Path) -> dict:
+def train_steps(model, batch, scale: mt.Scale, device: torch.device, exp_dir: Path, adapter: str) -> dict:
     """`scale.train_steps` optimiser steps of the project's Trainer (autocast, clipping, AdamW,
     scheduler) on one fixed batch, after one warm-up step; then one resumable checkpoint."""
     cfg = TrainConfig(max_steps=scale.train_steps + 1, warmup_steps=0, lr=1e-4, valid_every=0, device=str(device),
@@ -74,7 +74,7 @@ def train_steps(model, batch, scale: mt.Scale, device: torch.device, exp_dir: Pa
     trainer._save(LAST, full=True)
     save_s = time.perf_counter() - start
     model.eval()
-    return {"what": "train_step_hdmole_projector", "batch": scale.batch, "audio_s_per_utt": scale.seconds,
+    return {"what": f"train_step_{adapter}_projector", "batch": scale.batch, "audio_s_per_utt": scale.seconds,
             "ms_per_step": round(step_s * 1000, 1),
             "audio_s_per_s": round(scale.batch * scale.seconds / step_s, 1),
             "losses": losses, "peak_gib": peak_gib(device),
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "grad_ckpt": args.grad_ckpt, "build_s": round(build_s, 1), "command": " ".join(sys.argv)}
         print(meta, flush=True)
-        rows = [train_steps(model, batch, scale, device, Path(tmp) / "exp")]
+        rows = [train_steps(model, batch, scale, device, Path(tmp) / "exp", args.adapter)]
         print(rows[0], flush=True)
         rows += decode(model, batch, scale, device)
     meta["total_s"] = round(time.perf_counter() - start, 1)

@@ -18,7 +18,8 @@ exp_tag=""
 nj=2
 ngpu=0
 base_args=""
-train_args=""
+# 5 minutes per preset on CPU (run.sh alone: 3): the setting of RESULTS.md; replace with --train-args
+train_args="train.max_minutes=5"
 decode_args=""
 skip_setup=false
 

@@ -28,7 +28,7 @@ class Selection(nn.Module):
 
     def threshold(self, extra: Tensor | None, dtype: torch.dtype) -> Tensor:
         """tau (scalar or (*tokens, 1)) of a thresholded strategy."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} has no threshold (thresholded = False)")
 
     def forward(self, p: Tensor, extra: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Returns weights w (same shape as p) and tau (broadcastable to p[..., :1]) or None."""

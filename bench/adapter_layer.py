@@ -43,6 +43,10 @@ SHAPES = {  # batch, tokens per utterance, d_in, d_out, experts, rank, encoder d
                   feature_dim=1280, frames=5120),
     "small": dict(batch=4, tokens=128, d_in=1280, d_out=512, experts=8, rank=8,
                   feature_dim=256, frames=640),
+    # Negligible arithmetic: the time is the host's (Python, dispatcher, autograd), the cost
+    # that bounds the paper shape on a GPU. Compare rows by their host cost on any machine.
+    "host": dict(batch=2, tokens=8, d_in=64, d_out=32, experts=8, rank=8,
+                 feature_dim=16, frames=16),
 }
 
 
@@ -102,7 +106,8 @@ def capture(step: Callable[[], None]) -> Callable[[], None]:
     """`step` (forward + backward) captured in a CUDA graph; its replay runs the same kernels
     without Python, dispatcher or launch costs: the layer's GPU time. Eager timings of small
     layers are bound by the host's ~10-30 us per op, which a real model hides behind the
-    GPU work of its other layers (the host runs ahead), a lone layer cannot."""
+    GPU work of its other layers (the host runs ahead), a lone layer cannot. A capture never
+    compiles (fused.use_compiled): compiled rows replay their eager kernels."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up on a side stream, as CUDA graph capture requires
@@ -129,6 +134,23 @@ def count_ops(step: Callable[[], None], cuda: bool) -> dict[str, int]:
         e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     return {"aten_ops": len(aten), "cuda_kernels": len(kernels)}
+
+
+def host_op_us(device: torch.device, ops: int = 2000) -> float:
+    """Microseconds one small eager op (an in-place multiply of a (16384, 8) fp32 tensor,
+    no autograd) costs the host: the unit of the launch-bound rows."""
+    t = torch.ones(16384, 8, device=device)
+    for _ in range(50):
+        t.mul_(1.0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(ops):
+        t.mul_(1.0)
+    elapsed = time.perf_counter() - t0  # queued, not waited for: the host's time
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return elapsed * 1e6 / ops
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -211,32 +233,48 @@ def main(argv: list[str] | None = None) -> dict:
         return module, handle
 
     rows: list[tuple[str, Callable[[], None]]] = [("frozen base linear", layer_step(Wrap(fresh_base()), None))]
-    lora_module, _ = adapted(replace(base_cfg, method="lora"))
-    rows.append((f"lora rank {experts * rank}", layer_step(lora_module, None)))
     other_compile = "auto" if args.compile_rows == "all" else "false"
     if args.compile_rows == "none":
         base_cfg = replace(base_cfg, compile="false")
+    for name, compile_mode in (("", base_cfg.compile), (" (eager)", "false")):
+        lora_module, _ = adapted(replace(base_cfg, method="lora", compile=compile_mode))
+        rows.append((f"lora rank {experts * rank}{name}", layer_step(lora_module, None)))
     local = replace(base_cfg, global_router="none", combine="local", lambda_accent=0.0,
                     compile=other_compile)
     for selection in ("dense", "topk", "topp", "fixed_threshold", "threshold", "token_threshold"):
         module, handle = adapted(replace(local, selection=selection))
         rows.append((f"mole {selection} (fused)",
                      layer_step(module, lambda h=handle: h.routing(token_mask=token_mask))))
+    open_blocks = []
     # Training runs without routing statistics (the trainer turns them on for validation).
-    for name, cfg, stats, stack in (
-            ("hdmole (fused, default)", base_cfg, False, True),
-            ("hdmole (eager routing)", replace(base_cfg, compile="false"), False, True),
-            ("hdmole (W0 product separate)", base_cfg, False, False),
-            ("hdmole (no finite check)", replace(base_cfg, check_finite=False), False, True),
-            ("hdmole + routing statistics", base_cfg, True, True),
-            ("hdmole lambda_balance+z", replace(base_cfg, lambda_balance=0.01, lambda_z=0.001),
-             False, True)):
+    # "layer" rows: the cost of one adapted layer, inside a routing block opened once (a
+    # model opens one per batch for all its layers: its cost is the global router row).
+    # Their log g is a leaf, so each step still computes the layer's gradient w.r.t. it.
+    # The other hdmole rows open the block (global router forward) in every step.
+    for name, cfg, stats, stack, per_layer in (
+            ("hdmole layer (default)", base_cfg, False, True, True),
+            ("hdmole layer (fused, eager)", replace(base_cfg, compile="false"), False, True, True),
+            ("hdmole layer (generic path)", base_cfg, False, False, True),
+            ("hdmole + block (default)", base_cfg, False, True, False),
+            ("hdmole + block (generic path)", base_cfg, False, False, False),
+            ("hdmole + block, no finite check", replace(base_cfg, check_finite=False), False,
+             True, False),
+            ("hdmole + block + statistics", base_cfg, True, True, False),
+            ("hdmole + block, balance+z loss", replace(
+                base_cfg, lambda_balance=0.01, lambda_z=0.001), False, True, False)):
         module, handle = adapted(cfg)
         handle.statistics_enabled = stats
         for layer in handle.layers.values():
             layer.stack_base = stack
-        rows.append((name, layer_step(module, lambda h=handle: h.routing(
-            pooled_features, None, labels, token_mask))))
+        if per_layer:
+            block = handle.routing(pooled_features, None, labels, token_mask)
+            block.__enter__()
+            open_blocks.append(block)  # referenced: a collected block would close itself
+            handle.state.log_g = handle.state.log_g.detach().requires_grad_()
+            rows.append((name, layer_step(module, None)))
+        else:
+            rows.append((name, layer_step(module, lambda h=handle: h.routing(
+                pooled_features, None, labels, token_mask))))
     module, handle = adapted(replace(base_cfg, global_router="oracle", combine="global",
                                      selection="dense", compile=other_compile))
     rows.append(("oracle_accent (fused)", layer_step(module, lambda h=handle: h.routing(
@@ -299,11 +337,13 @@ def main(argv: list[str] | None = None) -> dict:
         row["graph_ratio_to_base"] = (row["graph_ms"] / base_graph_ms
                                       if row["graph_ms"] is not None and base_graph_ms else None)
 
+    op_us = host_op_us(device)
     device_name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
     print(f"# {device_name}, torch {torch.__version__}, {str(dtype).replace('torch.', '')}, "
           f"threads {torch.get_num_threads()}, shape {shape_name}: {b * t} tokens, "
           f"{d_in} -> {d_out}, {experts} experts rank {rank}; fwd+bwd, "
-          f"{'median' if cuda else 'min'} of {repeats} x {iters} iters")
+          f"{'median' if cuda else 'min'} of {repeats} x {iters} iters; one small "
+          f"op costs the host {op_us:.1f} us")
     graphs = bool(replays)
     print(f"{'layer':<34}{'ms':>10}{'x base':>9}" + (f"{'peak MiB':>11}" if cuda else "")
           + (f"{'graph ms':>10}{'x base':>9}" if graphs else "")
@@ -323,6 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
     if fused.last_path.startswith("eager (compile failed"):
         print(f"# routing compile failed, rows ran eager: {fused.last_path}")
     report = {"device": device_name, "torch": torch.__version__, "dtype": str(dtype),
+              "host_op_us": op_us,
               "shape": {"name": shape_name, **shape}, "threads": torch.get_num_threads(),
               "warmup": warmup, "iters": iters, "repeats": repeats,
               "command": " ".join([sys.executable, *sys.argv]), "rows": results}

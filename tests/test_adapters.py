@@ -43,8 +43,9 @@ ROUTINGS = [(s, "learned", "prior") for s in SELECTION_REGISTRY] + [
 def make(selection="threshold", global_router="learned", combine="prior", seed=0,
          randomise=True, **overrides):
     torch.manual_seed(seed)
+    overrides.setdefault("dropout", 0.0)
     cfg = AdapterConfig(selection=selection, global_router=global_router, combine=combine,
-                        dropout=0.0, **overrides)
+                        **overrides)
     module = Projector()
     handle = inject(module, cfg, num_accents=A, accent_feature_dim=D_FEAT)
     if randomise:  # B = 0 at init would hide every expert path
@@ -455,16 +456,32 @@ def test_stacked_linear_gradcheck():
     assert torch.autograd.gradcheck(lambda x, d: f(x, w0.detach(), None, d)[1], (x, down))
 
 
-def test_stacked_and_separate_paths_agree_in_value_and_gradient():
+# (selection, global_router, combine, method): the layers FusedLayer runs.
+FUSABLE = [("threshold", "learned", "prior", "mole"), ("threshold", "none", "local", "mole"),
+           ("fixed_threshold", "learned", "prior", "mole"), ("threshold", "learned", "prior", "lora")]
+
+
+@pytest.mark.parametrize("selection,global_router,combine,method", FUSABLE)
+@pytest.mark.parametrize("train", [False, True])
+def test_fused_layer_and_generic_path_agree_in_value_and_gradient(selection, global_router,
+                                                                  combine, method, train):
+    """FusedLayer (one autograd node, hand-written backward) against the generic path
+    (StackedLinear + route_and_gate, autograd), float64, with every loss that reaches p and
+    the logits, padding, and in training the same dropout mask (same seed)."""
     results = []
     for stack in (True, False):
-        module, handle = make("threshold", lambda_balance=0.01)
-        module.double()
+        module, handle = make(selection, global_router, combine, method=method,
+                              dropout=0.3 if train else 0.0, lambda_balance=0.01,
+                              lambda_z=0.01, lambda_accent=0.1)
+        module.double().train(train)
+        handle.double()
         for layer in handle.layers.values():
             layer.stack_base = stack
+            assert layer.fusable == stack
         x, feats, fmask, labels, tmask = batch()
         x = x.double().requires_grad_(True)
-        with handle.routing(feats, fmask, labels, tmask):
+        torch.manual_seed(5)
+        with handle.routing(feats.double(), fmask, labels, tmask):
             y = module(x)
         loss = (y ** 2).mean() + sum(handle.auxiliary_losses().values())
         loss.backward()
@@ -473,7 +490,46 @@ def test_stacked_and_separate_paths_agree_in_value_and_gradient():
     (y1, gx1, g1), (y2, gx2, g2) = results
     assert torch.allclose(y1, y2, atol=1e-12) and torch.allclose(gx1, gx2, atol=1e-12)
     assert g1.keys() == g2.keys()
-    assert all(torch.allclose(g1[n], g2[n], atol=1e-12) for n in g1)
+    for n in g1:
+        assert g1[n] is not None and torch.allclose(g1[n], g2[n], atol=1e-12), n
+
+
+@pytest.mark.parametrize("routed,bias,masked,x_grad", [
+    (True, True, True, True), (True, False, False, False), (False, True, True, True),
+    (False, False, False, True)])
+def test_fused_layer_backward_passes_gradcheck(routed, bias, masked, x_grad):
+    """FusedLayer's hand-written backward against finite differences, every input that can
+    have a gradient (x, W0, b0, A, R, B, log g, beta, tau), p and logits used downstream."""
+    from hdmole.adapters.fused import FusedLayer, LayerSpec
+    g = torch.Generator().manual_seed(4)
+    e, r, b, t, d_in, d_out = 3, 2, 2, 3, 5, 4
+    f64 = torch.float64
+
+    def leaf(*shape, grad=True):
+        return torch.randn(shape, generator=g, dtype=f64).requires_grad_(grad)
+
+    x, w0 = leaf(b, t, d_in, grad=x_grad), leaf(d_out, d_in)
+    b0 = leaf(d_out) if bias else None
+    lora_a, lora_b = leaf(e * r, d_in), leaf(d_out, e * r)
+    router = leaf(e, d_in) if routed else None
+    mask = ((torch.rand(b, t, e * r, generator=g) > 0.3).to(f64) if masked else None)
+    log_g = leaf(b, 1, e) if routed else None
+    beta = leaf() if routed else None
+    tau = torch.tensor(0.2, dtype=f64, requires_grad=True) if routed else None
+    weights = torch.randn(b, t, e, generator=g, dtype=f64)  # a load-balance-like use of p
+    spec = LayerSpec(f64, 1.5, r, True, False)
+
+    def f(x, w0, b0, lora_a, router, lora_b, log_g, beta, tau):
+        y, p, w, logits, finite = FusedLayer.apply(x, w0, b0, lora_a, router, lora_b, mask,
+                                                   log_g, beta, tau, spec)
+        if not routed:
+            assert p is None and w is None and logits is None and finite is None
+            return y
+        assert bool(finite) and not w.requires_grad
+        return y, (p * weights).sum() + logits.square().sum() * 0.1
+
+    inputs = (x, w0, b0, lora_a, router, lora_b, log_g, beta, tau)
+    assert torch.autograd.gradcheck(f, inputs, atol=1e-7)
 
 
 def test_autocast_bf16_matches_fp32_loosely_and_keeps_fp32_grads():
@@ -632,7 +688,12 @@ def test_compiled_routing_equals_eager_in_value_gradient_and_statistics(
         module.double()
         handle.double()
         runs.append(_run_float64(handle, module, x))
-        assert traced_compile.last_path == ("eager" if mode == "false" else "compiled")
+        fusable = handle.layers["linear1"].fusable
+        assert fusable == (selection in ("threshold", "fixed_threshold")
+                           and combine in ("prior", "local"))
+        compiled = " (compiled)" if mode == "true" else ""
+        assert traced_compile.last_path == (f"fused layer{compiled}" if fusable else
+                                            "compiled" if mode == "true" else "eager")
     (y0, gx0, g0, s0), (y1, gx1, g1, s1) = runs
 
     def same(u, v):  # float64 rounding only: relative to the tensor's scale
@@ -648,7 +709,7 @@ def test_compiled_routing_equals_eager_in_value_gradient_and_statistics(
 def test_compile_auto_is_eager_on_cpu_and_a_compile_failure_falls_back(traced_compile,
                                                                          monkeypatch):
     x = batch()[0]
-    module, handle = make("threshold", compile="auto")
+    module, handle = make("dense", compile="auto")  # not fusable: generic routing
     with handle.routing(*batch()[1:]):
         want = module(x)
     assert traced_compile.last_path == "eager"
@@ -730,13 +791,17 @@ def test_pending_finite_flags_are_polled_without_waiting_and_checked_on_demand()
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_compiled_routing_matches_eager():
-    """The default CUDA training path (compile=auto: Inductor/Triton) against eager, fp32."""
+@pytest.mark.parametrize("selection,modes,paths", [
+    ("dense", ("false", "auto"), ("eager", "compiled")),
+    ("threshold", ("false", "auto"), ("fused layer", "fused layer (compiled)"))])
+def test_cuda_compiled_routing_matches_eager(selection, modes, paths):
+    """The default CUDA training paths (compile=auto: Inductor/Triton) against eager, fp32:
+    the generic path's routing (dense) and the fused layer (HDMoLE's default)."""
     from hdmole.adapters import fused
     x, feats, fmask, labels, tmask = (t.cuda() for t in batch())
     runs = []
-    for mode in ("false", "auto"):
-        module, handle = make("threshold", compile=mode, lambda_balance=0.01)
+    for mode in modes:
+        module, handle = make(selection, compile=mode, lambda_balance=0.01)
         module.cuda()
         handle.cuda()
         with handle.routing(feats, fmask, labels, tmask):
@@ -745,7 +810,7 @@ def test_cuda_compiled_routing_matches_eager():
         runs.append((y.detach(), {k: p.grad for k, p in handle.trainable_parameters().items()},
                      fused.last_path))
     (y0, g0, path0), (y1, g1, path1) = runs
-    assert (path0, path1) == ("eager", "compiled")
+    assert (path0, path1) == paths
 
     def same(u, v):  # fp32 rounding of differently fused kernels, relative to the scale
         return (u - v).abs().max().item() <= 1e-4 * max(v.abs().max().item(), 1.0)

@@ -160,9 +160,16 @@ class RoutingState:
 
     def record(self, layer: str, p: Tensor, w: Tensor, tau: Tensor | None,
                logits: Tensor | None, view: TokenView) -> None:
-        """Called by every adapted layer on every forward, with flat (N, E) tensors."""
-        if not self.inside:
+        """Called by every adapted layer on every forward, with (*tokens, E) tensors and tau
+        a scalar or (*tokens, 1). Flattened here, only for what is enabled (training
+        without statistics or losses costs nothing here)."""
+        if not self.inside or not (self.want_balance or self.want_z or self.statistics_enabled):
             return  # outside a routing block: no losses, no statistics
+        e = self.num_experts
+        p, w = p.reshape(-1, e), w.reshape(-1, e)
+        logits = logits.reshape(-1, e) if logits is not None else None
+        if tau is not None and tau.dim() > 0:
+            tau = tau.reshape(-1, 1)
         valid = view.valid if view.valid is not None else view.ones
         if self.want_balance:
             self.balance_terms.append(losses.load_balance(p, w, valid))

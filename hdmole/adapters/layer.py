@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from .config import AdapterConfig, ResolvedAdapter
 from .context import RoutingState
-from .fused import run_route_and_gate
+from .fused import (LayerSpec, cast, routing_dtype, run_fused_layer, run_route_and_gate,
+                    use_compiled)
 from .routing import Combination, build_combination
 from .selection import Selection, build_selection
 
@@ -31,11 +32,6 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
-
-
-def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """t in dtype; skips the dispatch of a no-op .to() (this path is launch-bound)."""
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 class StackedLinear(torch.autograd.Function):
@@ -49,10 +45,10 @@ class StackedLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, w0: Tensor, b0: Tensor | None, down: Tensor,
                 dtype: torch.dtype, split: int | None = None) -> tuple[Tensor, ...]:
         with torch.autocast(x.device.type, enabled=False):
-            stacked = torch.cat([_cast(w0, dtype), _cast(down, dtype)])
-            bias = None if b0 is None else torch.cat([_cast(b0, dtype),
+            stacked = torch.cat([cast(w0, dtype), cast(down, dtype)])
+            bias = None if b0 is None else torch.cat([cast(b0, dtype),
                                                       b0.new_zeros(down.shape[0], dtype=dtype)])
-            xc = _cast(x, dtype)
+            xc = cast(x, dtype)
             out = F.linear(xc, stacked, bias)
         ctx.save_for_backward(xc, stacked)
         d_out = w0.shape[0]
@@ -67,7 +63,7 @@ class StackedLinear(torch.autograd.Function):
         d_out = sizes[0]
         dtype = stacked.dtype
         lead = xc.shape[:-1]
-        parts = [_cast(g, dtype) if g is not None else xc.new_zeros(*lead, size, dtype=dtype)
+        parts = [cast(g, dtype) if g is not None else xc.new_zeros(*lead, size, dtype=dtype)
                  for g, size in zip((dy, *dhs), sizes)]
         with torch.autocast(xc.device.type, enabled=False):
             grads = torch.cat(parts, -1).reshape(-1, stacked.shape[0])
@@ -76,11 +72,11 @@ class StackedLinear(torch.autograd.Function):
             d_down = grads[:, d_out:].t() @ flat_x
             dw0 = db0 = None
             if ctx.needs_input_grad[1]:
-                dw0 = _cast(grads[:, :d_out].t() @ flat_x, w0_dtype)
+                dw0 = cast(grads[:, :d_out].t() @ flat_x, w0_dtype)
             if has_bias and ctx.needs_input_grad[2]:
-                db0 = _cast(grads[:, :d_out].sum(0), w0_dtype)
-        return (_cast(dx, x_dtype) if dx is not None else None, dw0, db0,
-                _cast(d_down, down_dtype), None, None)
+                db0 = cast(grads[:, :d_out].sum(0), w0_dtype)
+        return (cast(dx, x_dtype) if dx is not None else None, dw0, db0,
+                cast(d_down, down_dtype), None, None)
 
 
 class MoLoRALinear(nn.Module):
@@ -103,7 +99,9 @@ class MoLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(d_out, total_rank, device=device))
         for i in range(self.num_experts):  # each expert like a fresh nn.Linear (peft init)
             nn.init.kaiming_uniform_(self.lora_A[i * self.rank:(i + 1) * self.rank], a=math.sqrt(5))
-        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        # Dropout on the rank activations, as a 0/1 mask with 1/keep folded into the scaling
+        # (the same mask on the fused and the generic path).
+        self.dropout = cfg.dropout
         self.state = state
         self.combination: Combination | None = None
         self.selection: Selection | None = None
@@ -149,47 +147,95 @@ class MoLoRALinear(nn.Module):
             rows.append(extra)
         return rows[0] if len(rows) == 1 else torch.cat(rows, 0)
 
-    # Stack W0 with the adapter rows in one product (StackedLinear). False: call the base
-    # layer and the adapter rows separately (the benchmark compares both).
+    # Stack W0 with the adapter rows in one product. False: call the base layer and the
+    # adapter rows separately (generic path; the benchmark compares both).
     stack_base = True
 
+    @property
+    def fusable(self) -> bool:
+        """Whether a call runs as one FusedLayer node: plain LoRA, or a softmax-of-logits
+        combination with a threshold selection that adds no rows (HDMoLE's default,
+        hdmole_no_hier, fixed thresholds). Everything else runs the generic path:
+        StackedLinear + route_and_gate + addmm."""
+        if not self.stack_base:
+            return False
+        if self.selection is None:
+            return True
+        return (self.selection.thresholded and self.selection.extra_rows == 0
+                and self.combination.softmax_of_logits)
+
+    def dropout_mask(self, x: Tensor, dtype: torch.dtype) -> tuple[Tensor | None, float]:
+        """(0/1 mask over the rank activations or None, scaling with 1/keep folded in)."""
+        if not (self.training and self.dropout > 0):
+            return None, self.scaling
+        keep = 1.0 - self.dropout
+        mask = torch.empty(*x.shape[:-1], self.num_experts * self.rank, dtype=dtype,
+                           device=x.device).bernoulli_(keep)
+        return mask, self.scaling / keep
+
     def forward(self, x: Tensor) -> Tensor:
+        dtype = compute_dtype(x)
+        mask, scaling = self.dropout_mask(x, dtype)
+        if self.fusable:
+            return self.fused_forward(x, dtype, mask, scaling)
         total_rank = self.num_experts * self.rank
         if self.stack_base:
             y, a, rows = StackedLinear.apply(x, self.base.weight, self.base.bias,
-                                             self.down_weight(), compute_dtype(x), total_rank)
+                                             self.down_weight(), dtype, total_rank)
         else:
             y = self.base(x)
-            h = F.linear(x, self.down_weight().to(compute_dtype(x)))
+            h = F.linear(x, self.down_weight().to(dtype))
             a, rows = h[..., :total_rank], h[..., total_rank:]
-        a = self.dropout(a)
+        if mask is not None:
+            a = a * mask
         if self.selection is None:  # plain LoRA
-            gated = a * self.scaling
+            gated = a * scaling
         else:
-            gated = self.route(a, rows, x)
+            gated = self.route(a, rows, x, scaling)
         out = torch.addmm(y.reshape(-1, y.shape[-1]), gated.reshape(-1, total_rank),
                           self.lora_B.to(gated.dtype).t())
         return out.view(y.shape)
 
-    def route(self, a: Tensor, routing_rows: Tensor, x: Tensor) -> Tensor:
-        """Rank activations a (*tokens, E*r) -> gated activations: fp32 routing on the local
-        logits (+ threshold logits) and the global prior, then each expert's rank slice
-        scaled by w_i * alpha/r. The arithmetic runs in `route_and_gate`, compiled or eager
-        (fused.py); losses and statistics are recorded here."""
-        assert self.state is not None and self.selection is not None and self.combination is not None
-        view = self.state.batch_view(self.adapter_name, tuple(x.shape[:-1]), self.needs_global,
+    def fused_forward(self, x: Tensor, dtype: torch.dtype, mask: Tensor | None,
+                      scaling: float) -> Tensor:
+        spec = LayerSpec(dtype, scaling, self.rank, self.check_finite,
+                         use_compiled(self.compile_mode, x))
+        if self.selection is None:
+            return run_fused_layer(x, self.base.weight, self.base.bias, self.lora_A, None,
+                                    self.lora_B, mask, None, None, None, spec)[0]
+        view = self.routing_view(x)
+        tau = self.selection.threshold(None, routing_dtype(dtype))
+        beta = getattr(self.combination, "beta", None) if view.log_g is not None else None
+        y, p, weights, logits, finite = run_fused_layer(
+            x, self.base.weight, self.base.bias, self.lora_A, self.router, self.lora_B, mask,
+            view.log_g, beta, tau, spec)
+        self.after_routing(view, p, weights, tau, logits, finite)
+        return y
+
+    def routing_view(self, x: Tensor):
+        assert self.state is not None
+        return self.state.batch_view(self.adapter_name, tuple(x.shape[:-1]), self.needs_global,
                                      x.device)
-        check = self.check_finite and self.router is not None
-        gated, p, weights, tau, logits, finite = run_route_and_gate(
-            self.combination, self.selection, a, routing_rows, view.log_g, self.scaling,
-            self.num_experts, self.rank, check, self.compile_mode)
+
+    def after_routing(self, view, p: Tensor, weights: Tensor, tau: Tensor | None,
+                      logits: Tensor | None, finite: Tensor | None) -> None:
+        """Finite flag, losses and statistics of one call (p, weights, logits (*tokens, E))."""
         if finite is not None:
             self.state.watch_flag(f"adapter layer {self.adapter_name!r}", finite)
-        e = self.num_experts
-        if tau is not None and tau.dim() > 0:
-            tau = tau.reshape(-1, 1)
-        self.state.record(self.adapter_name, p.reshape(-1, e), weights.reshape(-1, e), tau,
-                          logits.reshape(-1, e) if logits is not None else None, view)
+        self.state.record(self.adapter_name, p, weights, tau, logits, view)
+
+    def route(self, a: Tensor, routing_rows: Tensor, x: Tensor, scaling: float) -> Tensor:
+        """Generic path: rank activations a (*tokens, E*r) -> gated activations: fp32 routing
+        on the local logits (+ threshold logits) and the global prior, then each expert's
+        rank slice scaled by w_i * scaling. The arithmetic runs in `route_and_gate`, compiled
+        or eager (fused.py); losses and statistics are recorded by after_routing."""
+        assert self.selection is not None and self.combination is not None
+        view = self.routing_view(x)
+        check = self.check_finite and self.router is not None
+        gated, p, weights, tau, logits, finite = run_route_and_gate(
+            self.combination, self.selection, a, routing_rows, view.log_g, scaling,
+            self.num_experts, self.rank, check, self.compile_mode)
+        self.after_routing(view, p, weights, tau, logits, finite)
         return gated
 
     def delta_weight(self, expert_weights: Tensor) -> Tensor:

@@ -107,7 +107,9 @@ def capture(step: Callable[[], None]) -> Callable[[], None]:
     without Python, dispatcher or launch costs: the layer's GPU time. Eager timings of small
     layers are bound by the host's ~10-30 us per op, which a real model hides behind the
     GPU work of its other layers (the host runs ahead), a lone layer cannot. A capture never
-    compiles (fused.use_compiled): compiled rows replay their eager kernels."""
+    compiles (fused.use_compiled): compiled rows replay their eager kernels. `step` must not
+    keep autograd graphs alive between calls (their gradient nodes would stay on the stream
+    they were made on)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up on a side stream, as CUDA graph capture requires
@@ -134,6 +136,15 @@ def count_ops(step: Callable[[], None], cuda: bool) -> dict[str, int]:
         e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     return {"aten_ops": len(aten), "cuda_kernels": len(kernels)}
+
+
+def kernel_table(step: Callable[[], None], rows: int = 30) -> str:
+    """The CUDA kernels of one call of `step`, by GPU time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows)
 
 
 def host_op_us(device: torch.device, ops: int = 2000) -> float:
@@ -173,6 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-graphs", dest="graphs", action="store_false",
                         help="CUDA: skip the CUDA-graph replay columns (GPU time without host "
                              "launch costs)")
+    parser.add_argument("--kernel-table", action="append", default=[], metavar="TEXT",
+                        help="CUDA: print the kernels (GPU time, calls) of one fwd+bwd of each "
+                             "row whose name contains TEXT (repeatable)")
     parser.add_argument("--profile", action="store_true",
                         help="count top-level aten ops (CPU) and CUDA kernels of one fwd+bwd per row")
     args = parser.parse_args(argv)
@@ -210,16 +224,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     def layer_step(module: nn.Module, context: Callable[[], object] | None) -> Callable[[], None]:
         params = [p for p in module.parameters() if p.requires_grad]
+        # Each row its own input leaf: a graph another row keeps alive (its routing state's
+        # loss terms) would otherwise keep x's gradient node on the default stream, which a
+        # CUDA-graph capture cannot synchronise with.
+        row_x = x.detach().clone().requires_grad_()
 
         def step() -> None:
-            x.grad = None
+            row_x.grad = None
             for p in params:
                 p.grad = None
             if context is None:
-                y = module(x)
+                y = module(row_x)
             else:
                 with context():
-                    y = module(x)
+                    y = module(row_x)
             y.backward(grad_out)
         return step
 
@@ -270,7 +288,11 @@ def main(argv: list[str] | None = None) -> dict:
             block = handle.routing(pooled_features, None, labels, token_mask)
             block.__enter__()
             open_blocks.append(block)  # referenced: a collected block would close itself
-            handle.state.log_g = handle.state.log_g.detach().requires_grad_()
+            with torch.no_grad():
+                module(x)  # makes the block's per-token-shape view ...
+            state = handle.state  # ... whose log g becomes a leaf (graphs must not persist)
+            state.views = {key: view._replace(log_g=view.log_g.detach().requires_grad_())
+                           for key, view in state.views.items()}
             rows.append((name, layer_step(module, None)))
         else:
             rows.append((name, layer_step(module, lambda h=handle: h.routing(
@@ -308,6 +330,8 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.synchronize()
         peaks[name] = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     counts = {name: count_ops(step, cuda) for name, step in rows} if args.profile else {}
+    kernel_tables = {name: kernel_table(step) for name, step in rows
+                     if cuda and any(text in name for text in args.kernel_table)}
     for _ in range(repeats):
         for name, step in rows:
             samples[name].append(measure(device, step, iters))
@@ -353,15 +377,18 @@ def main(argv: list[str] | None = None) -> dict:
         if cuda:
             line += f"{row['peak_mib']:>11.0f}"
         if graphs:
-            line += (f"{row['graph_ms']:>10.3f}{row['graph_ratio_to_base']:>9.2f}"
-                     if row["graph_ms"] is not None else f"{'-':>10}{'-':>9}")
+            line += (f"{row['graph_ms']:>10.3f}" if row["graph_ms"] is not None else f"{'-':>10}")
+            line += (f"{row['graph_ratio_to_base']:>9.2f}"
+                     if row["graph_ratio_to_base"] is not None else f"{'-':>9}")
         if args.profile:
             line += f"{row['aten_ops']:>10}{row['cuda_kernels'] if cuda else '-':>9}"
         print(line + "  " + row["routing_path"])
     for name, error in graph_errors.items():
         print(f"# {name}: not captured in a CUDA graph ({error})")
-    if fused.last_path.startswith("eager (compile failed"):
-        print(f"# routing compile failed, rows ran eager: {fused.last_path}")
+    if fused.compile_error() is not None:
+        print(f"# torch.compile failed, later rows ran eager: {fused.compile_error()}")
+    for name, table in kernel_tables.items():
+        print(f"# CUDA kernels of one fwd+bwd of {name!r}\n{table}")
     report = {"device": device_name, "torch": torch.__version__, "dtype": str(dtype),
               "host_op_us": op_us,
               "shape": {"name": shape_name, **shape}, "threads": torch.get_num_threads(),

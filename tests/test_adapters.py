@@ -398,14 +398,19 @@ def test_expert_count_must_fit_accents_for_hierarchical_routing():
            A, D_FEAT)  # no hierarchy: any count
 
 
-def test_nan_router_logits_name_the_layer():
-    module, handle = make("threshold")
+@pytest.mark.parametrize("selection", ["threshold", "topk"])  # fused layer, generic path
+def test_nan_router_logits_name_the_layer(selection):
+    module, handle = make(selection)
     with torch.no_grad():
         module.linear2.router[0, 0] = float("nan")
     x, feats, fmask, labels, tmask = batch()
-    with pytest.raises(FloatingPointError, match="linear2"):
+    with pytest.raises(FloatingPointError, match=r"logits in adapter layer 'linear2'$"):
         with handle.routing(feats, fmask, labels, tmask):
             module(x)
+    feats[0, 0, 0] = float("inf")  # the global router's input: its posterior, then all layers
+    with pytest.raises(FloatingPointError, match="the global accent router"):
+        with handle.routing(feats, fmask, labels, tmask):
+            pass
 
 
 def test_config_errors_are_clear():
@@ -499,7 +504,8 @@ def test_fused_layer_and_generic_path_agree_in_value_and_gradient(selection, glo
     (False, False, False, True)])
 def test_fused_layer_backward_passes_gradcheck(routed, bias, masked, x_grad):
     """FusedLayer's hand-written backward against finite differences, every input that can
-    have a gradient (x, W0, b0, A, R, B, log g, beta, tau), p and logits used downstream."""
+    have a gradient (x, W0, b0, A, R, B, log g, beta, threshold logit), p and logits used
+    downstream."""
     from hdmole.adapters.fused import FusedLayer, LayerSpec
     g = torch.Generator().manual_seed(4)
     e, r, b, t, d_in, d_out = 3, 2, 2, 3, 5, 4
@@ -515,20 +521,20 @@ def test_fused_layer_backward_passes_gradcheck(routed, bias, masked, x_grad):
     mask = ((torch.rand(b, t, e * r, generator=g) > 0.3).to(f64) if masked else None)
     log_g = leaf(b, 1, e) if routed else None
     beta = leaf() if routed else None
-    tau = torch.tensor(0.2, dtype=f64, requires_grad=True) if routed else None
+    tau_logit = torch.tensor(0.3, dtype=f64, requires_grad=True) if routed else None
     weights = torch.randn(b, t, e, generator=g, dtype=f64)  # a load-balance-like use of p
-    spec = LayerSpec(f64, 1.5, r, True, False)
+    spec = LayerSpec(f64, 1.5, r, 0.3, False)  # tau = 0.3 sigmoid(tau_logit)
 
-    def f(x, w0, b0, lora_a, router, lora_b, log_g, beta, tau):
-        y, p, w, logits, finite = FusedLayer.apply(x, w0, b0, lora_a, router, lora_b, mask,
-                                                   log_g, beta, tau, spec)
+    def f(x, w0, b0, lora_a, router, lora_b, log_g, beta, tau_logit):
+        y, p, w, logits, total = FusedLayer.apply(x, w0, b0, lora_a, router, lora_b, mask,
+                                                  log_g, beta, tau_logit, spec)
         if not routed:
-            assert p is None and w is None and logits is None and finite is None
+            assert p is None and w is None and logits is None and total is None
             return y
-        assert bool(finite) and not w.requires_grad
+        assert not (w.requires_grad or total.requires_grad or total.isnan().any())
         return y, (p * weights).sum() + logits.square().sum() * 0.1
 
-    inputs = (x, w0, b0, lora_a, router, lora_b, log_g, beta, tau)
+    inputs = (x, w0, b0, lora_a, router, lora_b, log_g, beta, tau_logit)
     assert torch.autograd.gradcheck(f, inputs, atol=1e-7)
 
 
@@ -635,7 +641,7 @@ def test_cuda_graph_replay_of_forward_and_backward_matches_eager():
         with handle.routing(feats, fmask, labels, tmask):
             y = module(x)
         (y.float().pow(2).mean() + handle.auxiliary_losses()["accent_ce"]).backward()
-        outputs["y"] = y
+        outputs["y"] = y.detach()  # not the graph: capture() needs them released
 
     step()
     want = outputs["y"].detach().clone()
@@ -777,12 +783,15 @@ def test_pending_finite_flags_are_polled_without_waiting_and_checked_on_demand()
 
     state = RoutingState(num_experts=2, num_accents=2, want_balance=False, want_z=False)
     busy = Event(done=False)
-    state.pending_flags.append((["layer 'x'"], torch.tensor([False]), busy))
+    nan, fine = torch.tensor([[0.5], [float("nan")]]), torch.ones(2, 1)
+    state.pending_flags.append((["layer 'w'", "layer 'x'"], [fine, nan], torch.tensor(True),
+                                busy))
     state.check_pending(wait=False)  # copy not finished: no wait, no error yet
     assert not busy.waited and len(state.pending_flags) == 1
     for _ in range(MAX_PENDING_FLAGS):
-        state.pending_flags.append((["layer 'y'"], torch.tensor([True]), Event(done=False)))
-    with pytest.raises(FloatingPointError, match="layer 'x'"):
+        state.pending_flags.append((["layer 'y'"], [fine], torch.tensor(False),
+                                    Event(done=False)))
+    with pytest.raises(FloatingPointError, match="in layer 'x' \\(found after"):
         state.check_pending(wait=False)  # too many pending: the oldest is waited for
     assert busy.waited
     state.check_pending(wait=True)

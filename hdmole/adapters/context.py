@@ -11,7 +11,7 @@ from typing import NamedTuple
 from . import losses
 from .statistics import LayerStatistics
 
-# Unchecked CUDA finite flags kept before `check_pending` waits for the oldest one: the
+# Unchecked CUDA NaN flags kept before `check_pending` waits for the oldest one: the
 # stream is normally far past a flag that many blocks old, so the wait costs nothing.
 MAX_PENDING_FLAGS = 4
 
@@ -42,7 +42,7 @@ class RoutingState:
         self.statistics_enabled = True
         self.layer_statistics: dict[str, LayerStatistics] = {}
         self.inside = False
-        self.pending_flags: list[tuple[list[str], Tensor, torch.cuda.Event]] = []
+        self.pending_flags: list[tuple[list[str], list[Tensor], Tensor, torch.cuda.Event]] = []
         self.clear()
 
     def clear(self) -> None:
@@ -52,62 +52,62 @@ class RoutingState:
         self.accent_ce: Tensor | None = None
         self.balance_terms: list[Tensor] = []
         self.z_terms: list[Tensor] = []
-        self.finite_flags: list[tuple[str, Tensor]] = []
+        self.watched: list[tuple[str, Tensor]] = []
         self.views: dict[tuple[tuple[int, ...], bool], TokenView] = {}
 
-    def watch_finite(self, where: str, values: Tensor) -> None:
-        """Inside a block: keep a device-side flag, checked when the block closes. Outside a
-        block: check now."""
-        self.watch_flag(where, torch.isfinite(values).all())
-
-    def watch_flag(self, where: str, flag: Tensor) -> None:
-        """As watch_finite, for an already computed flag (True: all finite)."""
+    def watch(self, where: str, values: Tensor) -> None:
+        """Routing values that turn NaN when router logits are not finite (softmax of an
+        inf or NaN logit). Inside a block they are kept and checked together when the block
+        closes (one reduction for all layers, none per layer); outside a block now."""
         if self.inside:
-            self.finite_flags.append((where, flag))
-        elif not bool(flag):
-            raise FloatingPointError(f"non-finite router logits in {where}")
+            self.watched.append((where, values))
+        else:
+            self._raise_for([where], [values], bool(torch.isnan(values).any()), "")
 
     def close_block(self) -> None:
-        """Check the block's flags without stalling a CUDA stream: on CUDA the flags are
-        copied to pinned host memory asynchronously and checked by `check_pending` once
-        their copy has completed (polled at each block's start), or on demand
-        (`check_pending(wait=True)`); elsewhere they are checked now. Inside a CUDA-graph
-        capture nothing can be read back (a replay only reruns kernels): flags are dropped."""
-        if not self.finite_flags or _capturing():
-            self.finite_flags = []
+        """Check the block's watched values without stalling a CUDA stream: on CUDA one
+        any-NaN flag over all of them is copied to pinned host memory asynchronously and
+        checked by `check_pending` once the copy has completed (polled at each block's
+        start), or on demand (`check_pending(wait=True)`); elsewhere it is checked now.
+        Inside a CUDA-graph capture nothing can be read back (a replay only reruns
+        kernels): the values are dropped."""
+        if not self.watched or _capturing():
+            self.watched = []
             return
-        names = [where for where, _ in self.finite_flags]
-        flags = torch.stack([flag for _, flag in self.finite_flags])
-        self.finite_flags = []
-        if flags.is_cuda:
-            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-            host.copy_(flags, non_blocking=True)
+        names = [where for where, _ in self.watched]
+        values = [v.detach() for _, v in self.watched]
+        self.watched = []
+        bad = torch.cat([v.reshape(-1) for v in values]).isnan().any()
+        if bad.is_cuda:
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(bad, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            self.pending_flags.append((names, host, event))
+            self.pending_flags.append((names, values, host, event))
         else:
-            self._raise_for(names, flags.tolist(), "")
+            self._raise_for(names, values, bool(bad), "")
 
     def check_pending(self, wait: bool = True) -> None:
-        """Raise for non-finite flags of earlier blocks. wait=False (at a block's start)
-        checks only flags whose copy has finished, plus the oldest ones beyond
+        """Raise for non-finite router logits of earlier blocks. wait=False (at a block's
+        start) checks only flags whose copy has finished, plus the oldest ones beyond
         MAX_PENDING_FLAGS: no stream sync per block. Never during a CUDA-graph capture
         (no event may be queried then)."""
         if _capturing():
             return
         while self.pending_flags:
-            names, host, event = self.pending_flags[0]
+            names, values, host, event = self.pending_flags[0]
             if not (wait or len(self.pending_flags) > MAX_PENDING_FLAGS or event.query()):
                 break
             self.pending_flags.pop(0)
             event.synchronize()
-            self._raise_for(names, host.tolist(),
+            self._raise_for(names, values, bool(host),
                             " (found after the routing block that produced it)")
 
     @staticmethod
-    def _raise_for(names: list[str], ok: list[bool], note: str) -> None:
-        bad = sorted({where for where, good in zip(names, ok) if not good})
-        if bad:
+    def _raise_for(names: list[str], values: list[Tensor], any_nan: bool, note: str) -> None:
+        """Name every watched source with a NaN (read back only on this error path)."""
+        if any_nan:
+            bad = sorted({where for where, v in zip(names, values) if bool(v.isnan().any())})
             raise FloatingPointError(f"non-finite router logits in {', '.join(bad)}{note}")
 
     def add_layer(self, name: str) -> None:

@@ -39,21 +39,17 @@ last_path: str = "none"
 
 
 def route_and_gate(combination: Combination, selection: Selection, a: Tensor, rows: Tensor,
-                   log_g: Tensor | None, scaling: float, num_experts: int, rank: int,
-                   check_finite: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None,
-                                                Tensor | None, Tensor | None]:
+                   log_g: Tensor | None, scaling: float, num_experts: int,
+                   rank: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """a (*tokens, E*r) rank activations; rows (*tokens, E [+ extra]) the routing rows of the
     fused product (local logits first, then the selection's extra rows); log_g broadcastable
     to (*tokens, E). Returns gated activations (a's dtype), p, w (*tokens, E), tau (scalar,
-    (*tokens, 1) or None), fp32 local logits or None, and an all-finite flag of the logits
-    (None unless check_finite)."""
+    (*tokens, 1) or None) and the fp32 local logits or None."""
     e = num_experts
     dtype = routing_dtype(rows.dtype)
-    logits = extra = finite = None
+    logits = extra = None
     if combination.needs_local:
         logits = rows[..., :e].to(dtype)
-        if check_finite:
-            finite = torch.isfinite(logits).all()
         rows = rows[..., e:]
     if selection.extra_rows:
         extra = rows.to(dtype) + selection.extra_bias().to(dtype)
@@ -64,14 +60,14 @@ def route_and_gate(combination: Combination, selection: Selection, a: Tensor, ro
         tau = selection.threshold(extra, dtype)
         gated, p, w = ThresholdGate.apply(a, logits, log_g, getattr(combination, "beta", None),
                                           tau, scaling, rank)
-        return gated, p, w, tau, logits, finite
+        return gated, p, w, tau, logits
     p = combination(logits, log_g)
     if p.shape[:-1] != a.shape[:-1]:  # utterance-level p (global combination)
         p = p.expand(*a.shape[:-1], e)
     w, tau = selection(p, extra)
     gate = (w * scaling).to(a.dtype)
     gated = (a.unflatten(-1, (e, rank)) * gate.unsqueeze(-1)).flatten(-2)
-    return gated, p, w, tau, logits, finite
+    return gated, p, w, tau, logits
 
 
 def _eager_backward_compile():
@@ -123,9 +119,16 @@ def _compiled_copy(key: tuple, function: Callable) -> tuple[Callable, bool]:
     return _compiled[key], first
 
 
+def compile_error() -> str | None:
+    """Why torch.compile failed in this process (then everything runs eager), or None."""
+    return _compile_error
+
+
 def _compile_failed(err: Exception) -> None:
-    global _compile_error
-    _compile_error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+    global _compile_error, last_path
+    lines = [line.strip() for line in f"{type(err).__name__}: {err}".splitlines() if line.strip()]
+    _compile_error = " | ".join(lines[:4])[:600]
+    last_path = f"eager (compile failed: {_compile_error})"
     warnings.warn(f"hdmole adapters: torch.compile of the adapter arithmetic failed "
                   f"({_compile_error}); falling back to eager for this process",
                   RuntimeWarning, stacklevel=3)
@@ -133,12 +136,11 @@ def _compile_failed(err: Exception) -> None:
 
 def run_route_and_gate(combination: Combination, selection: Selection, a: Tensor, rows: Tensor,
                        log_g: Tensor | None, scaling: float, num_experts: int, rank: int,
-                       check_finite: bool, mode: str = "auto"):
+                       mode: str = "auto"):
     """route_and_gate, compiled or eager according to `mode` (see the module docstring)."""
     global last_path
+    args = (combination, selection, a, rows, log_g, scaling, num_experts, rank)
     if use_compiled(mode, a):
-        # the flag is one fused reduction when compiled: always computed (one graph fewer)
-        args = (combination, selection, a, rows, log_g, scaling, num_experts, rank, True)
         try:
             key = (type(combination).__name__, type(selection).__name__)
             compiled, first = _compiled_copy(key, route_and_gate)
@@ -147,11 +149,10 @@ def run_route_and_gate(combination: Combination, selection: Selection, a: Tensor
                     _probe(compiled, args)
                 out = compiled(*args)
             last_path = "compiled"
-            return out if check_finite else (*out[:5], None)
+            return out
         except Exception as err:  # noqa: BLE001 - any compiler failure: eager is still exact
             _compile_failed(err)
-    out = route_and_gate(combination, selection, a, rows, log_g, scaling, num_experts, rank,
-                         check_finite)
+    out = route_and_gate(*args)
     last_path = "eager" if _compile_error is None else f"eager (compile failed: {_compile_error})"
     return out
 
@@ -253,67 +254,73 @@ class LayerSpec(NamedTuple):
     dtype: torch.dtype    # of the matrix products (autocast's or the input's)
     scaling: float        # alpha/r, divided by the dropout keep probability when a mask is given
     rank: int             # per expert
-    check_finite: bool    # return a NaN-free flag of the routing
+    tau_scale: float      # tau = tau_scale * sigmoid(tau_logit); a constant tau without logit
     compiled: bool        # run the arithmetic through torch.compile (see use_compiled)
 
 
 def layer_forward(x: Tensor, w0: Tensor, b0: Tensor | None, lora_a: Tensor,
                   router: Tensor | None, lora_b: Tensor, mask: Tensor | None,
-                  log_g: Tensor | None, beta: Tensor | None, tau: Tensor | None,
-                  dtype: torch.dtype, scaling: float, rank: int, check_finite: bool):
+                  log_g: Tensor | None, beta: Tensor | None, tau_logit: Tensor | None,
+                  dtype: torch.dtype, scaling: float, rank: int, tau_scale: float):
     """FusedLayer's forward arithmetic, a pure function (eager or compiled). Returns the
-    outputs (y, p, w, logits, finite) and what the backward needs."""
-    lead, d_out = x.shape[:-1], w0.shape[0]
-    rows = [cast(w0, dtype), cast(lora_a, dtype)]
-    if router is not None:
-        rows.append(cast(router, dtype))
-    stacked = torch.cat(rows)
+    outputs (y, p, w, logits, total) and what the backward needs."""
+    lead = x.shape[:-1]
     xc = cast(x, dtype).reshape(-1, x.shape[-1])
-    sizes = [d_out, lora_a.shape[0]] + ([] if router is None else [router.shape[0]])
-    y0, a, *routing_rows = F.linear(xc, stacked).split_with_sizes(sizes, -1)
+    w0c = cast(w0, dtype)
+    # The base product keeps cuBLAS's fused bias; the adapter rows [A; R] are one skinny
+    # product of their own (reading x twice costs what one stacked product costs, and the
+    # stacked output would need a strided copy and a separate bias pass).
+    y = F.linear(xc, w0c, None if b0 is None else cast(b0, dtype))
+    down = cast(lora_a, dtype) if router is None else torch.cat([cast(lora_a, dtype),
+                                                                 cast(router, dtype)])
+    h = F.linear(xc, down)
+    a = h if router is None else h[:, :lora_a.shape[0]]
     if mask is not None:
         a = a * mask.view(a.shape)
-    elif router is not None:  # saved for backward: not as a view that keeps all of y0
-        a = a.contiguous()
     bc = cast(lora_b, dtype)
-    p = w = total = gate = logits = finite = None
+    p = w = total = gate = logits = sig = None
     if router is None:
         gated = a * scaling
     else:
         # fp32 routing for low-precision products; float64 stays float64 (references)
-        logits = cast(routing_rows[0].view(*lead, -1), routing_dtype(dtype))
+        logits = cast(h[:, lora_a.shape[0]:].view(*lead, -1), routing_dtype(dtype))
+        if tau_logit is None:
+            tau = tau_scale
+        else:
+            sig = torch.sigmoid(cast(tau_logit, logits.dtype))
+            tau = sig * tau_scale
         gated, p, w, total, gate = gate_forward(a.view(*lead, -1), logits, log_g, beta, tau,
                                                 scaling, rank)
         gated = gated.view(a.shape)
-        if check_finite:  # NaN or +-inf logits make the softmax, hence total, NaN;
-            finite = (total == total).all()  # 2 kernels (isfinite of the logits: 5)
-    y = torch.addmm(y0, gated, bc.t())
-    if b0 is not None:  # here rather than padded into the stacked product: 1 kernel, not 3
-        y.add_(cast(b0, dtype))
-    saved = (xc, stacked, a if router is not None else None, mask, gated, bc, p, w, total,
-             gate, log_g, beta, tau)
-    return (y.view(*lead, d_out), p, w, logits, finite), saved
+    y.addmm_(gated, bc.t())  # in place: no copy of y
+    saved = (xc, w0c, down, a if router is not None else None, mask, gated, bc, p, w, total,
+             gate, log_g, beta, sig)
+    return (y.view(*lead, -1), p, w, logits, total), saved
 
 
 def layer_backward(dy: Tensor | None, d_p: Tensor | None, d_logits: Tensor | None,
-                   saved: tuple, dtypes: tuple, d_out: int, dtype: torch.dtype, scaling: float,
-                   rank: int, need: tuple[bool, ...]) -> tuple:
+                   saved: tuple, dtypes: tuple, dtype: torch.dtype, scaling: float, rank: int,
+                   tau_scale: float, need: tuple[bool, ...]) -> tuple:
     """FusedLayer's backward arithmetic, a pure function (eager or compiled): gradients of
-    (x (flat), w0, b0, lora_a, router, lora_b, mask, log_g, beta, tau), None where not
-    needed."""
-    xc, stacked, a, mask, gated, bc, p, w, total, gate, log_g, beta, tau = saved
+    (x (flat), w0, b0, lora_a, router, lora_b, mask, log_g, beta, tau_logit), None where
+    not needed."""
+    xc, w0c, down, a, mask, gated, bc, p, w, total, gate, log_g, beta, sig = saved
+    d_out = w0c.shape[0]
     dyc = (cast(dy, dtype).reshape(-1, d_out) if dy is not None
            else xc.new_zeros(xc.shape[0], d_out))
     d_gated = dyc @ bc
     d_lora_b = cast(dyc.t() @ gated, dtypes[5]) if need[5] else None
-    d_log_g = d_beta = d_tau = None
+    d_log_g = d_beta = d_logit = None
     if p is None:
         parts = [d_gated * scaling]
     else:
         lead = p.shape[:-1]
+        tau = 0.0 if sig is None else sig * tau_scale
         d_a, d_z, d_log_g, d_beta, d_tau = gate_backward(
             d_gated.view(*lead, -1), d_p, a.view(*lead, -1), p, w, total, gate, log_g, beta,
-            tau, scaling, rank, (True, True, *need[7:10]))
+            tau, scaling, rank, (True, True, need[7], need[8], need[9]))
+        if d_tau is not None:  # tau = tau_scale * sigmoid(logit)
+            d_logit = (d_tau * tau_scale * sig * (1.0 - sig)).to(dtypes[6])
         d_l = d_z if d_logits is None else d_z + d_logits  # + the z-loss's own use
         parts = [d_a.view(d_gated.shape), cast(d_l, dtype).view(d_gated.shape[0], -1)]
     if mask is not None:
@@ -321,7 +328,7 @@ def layer_backward(dy: Tensor | None, d_p: Tensor | None, d_logits: Tensor | Non
     dx = d_lora_a = d_router = None
     if need[0]:  # dx = [dy, da, dl] [W0; A; R]: one product
         grads = torch.cat([dyc, *parts], -1)
-        dx = cast(grads @ stacked, dtypes[0])
+        dx = cast(grads @ torch.cat([w0c, down]), dtypes[0])
         d_rows = grads[:, d_out:]
     else:
         d_rows = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
@@ -335,7 +342,7 @@ def layer_backward(dy: Tensor | None, d_p: Tensor | None, d_logits: Tensor | Non
                                       dtypes[3:5]))
     dw0 = cast(dyc.t() @ xc, dtypes[1]) if need[1] else None
     db0 = cast(dyc.sum(0), dtypes[2]) if need[2] else None
-    return dx, dw0, db0, d_lora_a, d_router, d_lora_b, None, d_log_g, d_beta, d_tau
+    return dx, dw0, db0, d_lora_a, d_router, d_lora_b, None, d_log_g, d_beta, d_logit
 
 
 def _run(function: Callable, compiled: bool, key: tuple, *args):
@@ -353,10 +360,11 @@ class FusedLayer(torch.autograd.Function):
     """One whole MoLoRALinear call as ONE autograd node, for plain LoRA (router None) and
     for softmax-of-logits combinations with threshold selection (HDMoLE's default):
 
-        [y0, a, l] = x [W0; A; R]^T                 one matrix product, x read once
+        y = x W0^T + b;  [a, l] = x [A; R]^T       base product (cuBLAS bias), adapter rows
         a = a * dropout mask                        (0/1; 1/keep is folded into scaling)
+        tau = tau_scale * sigmoid(tau_logit)        (or a constant)
         gated, p, w = gate_forward(a, l, log g, beta, tau)   fp32 routing (LoRA: a * scaling)
-        y = y0 + gated B^T + b                      one addmm (+ the bias)
+        y += gated B^T                              in place
 
     Backward is written out: dy B, one product [dy, da, dl] [W0; A; R] for dx (skipped when
     x needs no gradient), one for [dA; dR], one for dB. At the paper shape a layer is bound by
@@ -365,39 +373,40 @@ class FusedLayer(torch.autograd.Function):
     spec.compiled (CUDA training) a few fused kernels for the routing arithmetic.
     Values equal the generic path (StackedLinear + route_and_gate; tests in float64).
 
-    Returns (y, p, w, logits, finite): p (*tokens, E) fp32 may receive a gradient (load
-    balance), logits (fp32 local router logits) too (z-loss); w and the flag are
-    non-differentiable; all four are None for LoRA, the flag also when not asked for."""
+    Returns (y, p, w, logits, total): p (*tokens, E) fp32 may receive a gradient (load
+    balance), logits (fp32 local router logits) too (z-loss); w and total (*tokens, 1), the
+    threshold normaliser, NaN where the router logits are not finite, are non-
+    differentiable; all four are None for LoRA."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w0: Tensor, b0: Tensor | None, lora_a: Tensor,
                 router: Tensor | None, lora_b: Tensor, mask: Tensor | None,
-                log_g: Tensor | None, beta: Tensor | None, tau: Tensor | None,
+                log_g: Tensor | None, beta: Tensor | None, tau_logit: Tensor | None,
                 spec: LayerSpec):
-        args = (x, w0, b0, lora_a, router, lora_b, mask, log_g, beta, tau)
+        args = (x, w0, b0, lora_a, router, lora_b, mask, log_g, beta, tau_logit)
         ctx.key = tuple(t is None for t in args)
         autocast_off = (torch.autocast(x.device.type, enabled=False)
                         if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext())
         with autocast_off:  # explicit dtypes inside
             outputs, saved = _run(layer_forward, spec.compiled, ("layer_forward", *ctx.key),
-                                  *args, spec.dtype, spec.scaling, spec.rank,
-                                  spec.check_finite)
+                                  *args, spec.dtype, spec.scaling, spec.rank, spec.tau_scale)
         ctx.save_for_backward(*saved)
-        ctx.spec, ctx.d_out, ctx.x_shape = spec, w0.shape[0], x.shape
-        ctx.dtypes = tuple(None if t is None else t.dtype for t in args[:6])
-        ctx.mark_non_differentiable(*(t for t in outputs[2::2] if t is not None))  # w, flag
+        ctx.spec, ctx.x_shape = spec, x.shape
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in args[:6]) + (
+            None if tau_logit is None else tau_logit.dtype,)
+        ctx.mark_non_differentiable(*(t for t in outputs[2::2] if t is not None))  # w, total
         ctx.set_materialize_grads(False)  # unused outputs pass None, not zero tensors
         return outputs
 
     @staticmethod
     def backward(ctx, dy: Tensor | None, d_p: Tensor | None, d_w: Tensor | None,
-                 d_logits: Tensor | None, d_finite: Tensor | None):
+                 d_logits: Tensor | None, d_total: Tensor | None):
         spec = ctx.spec
         need = tuple(ctx.needs_input_grad[:10])
         grads = _run(layer_backward, spec.compiled,
                      ("layer_backward", *ctx.key, dy is None, d_p is None, d_logits is None),
-                     dy, d_p, d_logits, ctx.saved_tensors, ctx.dtypes, ctx.d_out, spec.dtype,
-                     spec.scaling, spec.rank, need)
+                     dy, d_p, d_logits, ctx.saved_tensors, ctx.dtypes, spec.dtype,
+                     spec.scaling, spec.rank, spec.tau_scale, need)
         dx = grads[0].view(ctx.x_shape) if grads[0] is not None else None
         return (dx, *grads[1:], None)
 

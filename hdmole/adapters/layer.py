@@ -198,18 +198,23 @@ class MoLoRALinear(nn.Module):
 
     def fused_forward(self, x: Tensor, dtype: torch.dtype, mask: Tensor | None,
                       scaling: float) -> Tensor:
-        spec = LayerSpec(dtype, scaling, self.rank, self.check_finite,
-                         use_compiled(self.compile_mode, x))
-        if self.selection is None:
+        compiled = use_compiled(self.compile_mode, x)
+        if self.selection is None:  # no routing arithmetic: compiled only when forced
+            compiled = compiled and self.compile_mode == "true"
+            spec = LayerSpec(dtype, scaling, self.rank, 0.0, compiled)
             return run_fused_layer(x, self.base.weight, self.base.bias, self.lora_A, None,
-                                    self.lora_B, mask, None, None, None, spec)[0]
+                                   self.lora_B, mask, None, None, None, spec)[0]
         view = self.routing_view(x)
-        tau = self.selection.threshold(None, routing_dtype(dtype))
+        tau_logit, tau_scale = self.selection.threshold_logit()
+        spec = LayerSpec(dtype, scaling, self.rank, tau_scale, compiled)
         beta = getattr(self.combination, "beta", None) if view.log_g is not None else None
-        y, p, weights, logits, finite = run_fused_layer(
+        y, p, weights, logits, total = run_fused_layer(
             x, self.base.weight, self.base.bias, self.lora_A, self.router, self.lora_B, mask,
-            view.log_g, beta, tau, spec)
-        self.after_routing(view, p, weights, tau, logits, finite)
+            view.log_g, beta, tau_logit, spec)
+        tau = None
+        if self.state.statistics_enabled and self.state.inside:  # recorded per call
+            tau = self.selection.threshold(None, routing_dtype(dtype)).detach()
+        self.after_routing(view, p, weights, tau, logits, total)
         return y
 
     def routing_view(self, x: Tensor):
@@ -218,10 +223,11 @@ class MoLoRALinear(nn.Module):
                                      x.device)
 
     def after_routing(self, view, p: Tensor, weights: Tensor, tau: Tensor | None,
-                      logits: Tensor | None, finite: Tensor | None) -> None:
-        """Finite flag, losses and statistics of one call (p, weights, logits (*tokens, E))."""
-        if finite is not None:
-            self.state.watch_flag(f"adapter layer {self.adapter_name!r}", finite)
+                      logits: Tensor | None, watched: Tensor) -> None:
+        """NaN watch, losses and statistics of one call (p, weights, logits (*tokens, E));
+        `watched`: routing values that are NaN where the router logits are not finite."""
+        if self.check_finite and self.router is not None:
+            self.state.watch(f"adapter layer {self.adapter_name!r}", watched)
         self.state.record(self.adapter_name, p, weights, tau, logits, view)
 
     def route(self, a: Tensor, routing_rows: Tensor, x: Tensor, scaling: float) -> Tensor:
@@ -231,11 +237,10 @@ class MoLoRALinear(nn.Module):
         or eager (fused.py); losses and statistics are recorded by after_routing."""
         assert self.selection is not None and self.combination is not None
         view = self.routing_view(x)
-        check = self.check_finite and self.router is not None
-        gated, p, weights, tau, logits, finite = run_route_and_gate(
+        gated, p, weights, tau, logits = run_route_and_gate(
             self.combination, self.selection, a, routing_rows, view.log_g, scaling,
-            self.num_experts, self.rank, check, self.compile_mode)
-        self.after_routing(view, p, weights, tau, logits, finite)
+            self.num_experts, self.rank, self.compile_mode)
+        self.after_routing(view, p, weights, tau, logits, p)
         return gated
 
     def delta_weight(self, expert_weights: Tensor) -> Tensor:

@@ -44,6 +44,12 @@ class Selection(nn.Module):
         """The layer's threshold now (None when per token or not a threshold strategy)."""
         return None
 
+    def threshold_logit(self) -> tuple[Tensor | None, float]:
+        """(logit, scale) with tau = scale * sigmoid(logit), or (None, tau) for a constant:
+        the per-layer threshold as FusedLayer computes it (inside the layer's one autograd
+        node). Only for thresholded strategies without extra rows."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-layer threshold")
+
 
 class DenseSelection(Selection):
     def forward(self, p: Tensor, extra: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -94,6 +100,7 @@ class FixedThresholdSelection(Selection):
     def __init__(self, cfg: AdapterConfig, resolved: ResolvedAdapter, in_features: int) -> None:
         super().__init__(cfg, resolved, in_features)
         self.register_buffer("tau", torch.tensor(resolved.fixed_tau), persistent=False)
+        self.tau_value = resolved.fixed_tau  # the same, as a Python float (no device read)
 
     def threshold(self, extra: Tensor | None, dtype: torch.dtype) -> Tensor:
         return self.tau.to(dtype)
@@ -104,6 +111,9 @@ class FixedThresholdSelection(Selection):
 
     def current_tau(self) -> float | None:
         return float(self.tau)
+
+    def threshold_logit(self) -> tuple[Tensor | None, float]:
+        return None, self.tau_value
 
 
 class LayerThresholdSelection(Selection):
@@ -125,6 +135,9 @@ class LayerThresholdSelection(Selection):
 
     def current_tau(self) -> float | None:
         return float(self.tau_max * torch.sigmoid(self.theta.detach().float()))
+
+    def threshold_logit(self) -> tuple[Tensor | None, float]:
+        return self.theta, self.tau_max
 
 
 class TokenThresholdSelection(Selection):

@@ -1,19 +1,26 @@
 """Forward+backward time of one adapted linear layer (a benchmark, not a test).
 
-Rows: the frozen base linear; one LoRA of the same total rank (E*r); every selection
-strategy through the fused MoLoRALinear; HDMoLE as configured by default (learned global
-prior + learned per-layer threshold, statistics and finite checks on); a naive
-implementation (Python loop over experts, router on an fp32 copy of x); and the global
-accent router alone (once per model and batch, not per layer).
+Rows: the frozen base linear; one LoRA of the same total rank (E*r), as configured and
+eager; every selection strategy of the adapter library; HDMoLE as configured by default
+(learned global prior + learned per-layer threshold) as one layer call inside an open routing
+block ("hdmole layer" rows: the per-layer cost; default, eager, generic path) and with the
+routing block in every step ("hdmole + block" rows: statistics, losses, NaN watch variants);
+a naive implementation (Python loop over experts, router on an fp32 copy of x); and the
+global accent router alone (once per model and batch, not per layer).
 
     python bench/adapter_layer.py --shape small                     # CPU
+    python bench/adapter_layer.py --shape host                      # CPU: host cost per row
     python bench/adapter_layer.py --shape paper --out bench.json    # CUDA, bf16
     python bench/adapter_layer.py --profile                         # + ops/kernels per row
+    python bench/adapter_layer.py --kernel-table "hdmole layer"     # CUDA: kernels of rows
 
-Each row also says which path the routing arithmetic took (fused.py: "compiled" or "eager";
-AdapterConfig.compile="auto" compiles on CUDA during training, a compile failure falls back
-to eager with a warning and shows here). By default only the HDMoLE rows use compile=auto
-(--compile-rows all: every routed row), which keeps the Inductor warm-up to one graph family.
+On CUDA each row is also timed as a CUDA-graph replay (its GPU time without host costs) and
+the header gives what one small eager op costs the host. Each row says which path it took
+(fused.py: "fused layer", "fused layer (compiled)", or the generic path's routing "compiled"
+/ "eager"; AdapterConfig.compile="auto" compiles routed layers on CUDA during training, a
+compile failure falls back to eager with a warning and shows here). By default only the
+HDMoLE rows use compile=auto (--compile-rows all: every routed row), which keeps the
+Inductor warm-up short.
 
 The paper shape is 16,384 tokens (16 x 1024), 6400 -> 2048 (the projector's first linear
 after 5-frame concatenation of a 1280-d Whisper encoder), 8 experts of rank 8.

@@ -88,15 +88,16 @@ class AdapterConfig:
     # Router z-loss (mean squared log-sum-exp of local logits), mean over layer calls.
     lambda_z: float = 0.0
 
-    # Raise when router logits are not finite, naming the layer. Checked when a routing
-    # block closes (CPU) or, on CUDA, without a stream sync at the next block's start or at
-    # handle.check_finite(); immediately for layers called outside a block.
+    # Raise when router logits are not finite (their routing turns NaN), naming the layer.
+    # One check per routing block for all layers, when it closes (CPU) or, on CUDA, without a
+    # stream sync at the next block's start or at handle.check_finite(); immediately for
+    # layers called outside a block.
     check_finite: bool = True
-    # torch.compile of each layer's routing arithmetic (fused.py): "auto" = compiled on CUDA
+    # torch.compile of each routed layer's arithmetic (fused.py): "auto" = compiled on CUDA
     # while gradients are enabled (training), eager on CPU, in inference and in CUDA-graph
-    # capture (no compiler needed for CI or decoding); "true" = compiled wherever possible;
-    # "false" = always eager. Both paths compute the same values; a compile failure warns
-    # and falls back to eager.
+    # capture (no compiler needed for CI or decoding); "true" = compiled wherever possible,
+    # LoRA layers too; "false" = always eager. All paths compute the same values; a compile
+    # failure warns and falls back to eager.
     compile: str = "auto"
 
     def __post_init__(self) -> None:

@@ -1,16 +1,23 @@
-"""The routing arithmetic of one MoLoRALinear call as one pure function, run eagerly or
-through torch.compile (AdapterConfig.compile).
+"""The arithmetic of one MoLoRALinear call, as pure functions run eagerly or through
+torch.compile (AdapterConfig.compile), and the autograd nodes around them.
 
-At the paper shape the routing tensors are small ((16384, 8) fp32) and the generic eager
-path is launch-bound: some twenty tiny kernels forward and more backward, each with its
-autograd record. Compiled (Inductor/Triton on CUDA) the function becomes a few fused kernels
-each way. Eager, the common HDMoLE form (softmax-of-logits combination + threshold selection)
-runs as one autograd Function with a hand-written backward (ThresholdGate). The arithmetic is
-the same on every path; tests compare them in float64 (values and gradients).
+- FusedLayer: the whole call (base product, adapter rows, threshold, routing, B product) as
+  ONE autograd node with a hand-written backward, for plain LoRA and for softmax-of-logits
+  combinations with a per-layer threshold (HDMoLE's default). Its arithmetic is
+  layer_forward / layer_backward; the routing part is gate_forward / gate_backward.
+- The generic path's routing (route_and_gate: any combination and selection) under
+  ordinary autograd; its thresholded softmax-of-logits form runs as ThresholdGate (the same
+  gate_forward / gate_backward).
 
-compile = "auto": compiled on CUDA when gradients are enabled (training), eager otherwise
-(CPU, inference, CUDA-graph capture); "true": compiled wherever possible; "false": eager.
-A compile failure warns once and falls back to eager for the rest of the process.
+At the paper shape the routing tensors are small ((16384, 8) fp32) and a layer is bound by
+the host's cost per op and kernel launch, which is what both the single node and the compiled
+arithmetic (a few fused Triton kernels each way) save. docs/method.md section 6b has the
+measurements. The arithmetic is the same on every path; tests compare them in float64.
+
+compile = "auto": routed layers compiled on CUDA when gradients are enabled (training), eager
+otherwise (CPU, inference, CUDA-graph capture); "true": compiled wherever possible (LoRA
+layers too); "false": eager. A compile failure warns once and falls back to eager for the
+rest of the process.
 """
 from __future__ import annotations
 

@@ -3,13 +3,15 @@
     y = W0 x + b + (alpha / r) * sum_i w_i(x) * B_i A_i x
 
 Fused computation (no Python loop over experts):
-  1. one matrix product of x with the stacked rows [W0; A_1; ...; A_E; R; t] in the compute
-     dtype (autocast's or the input's), so x is read once: R = local router (E rows),
-     t = per-token threshold (AdaMoLE); the frozen W0 is only read, never modified;
+  1. the base product x W0^T + b and one product of x with the adapter rows [A_1; ...; A_E;
+     R; t] in the compute dtype (autocast's or the input's): R = local router (E rows), t =
+     per-token threshold (AdaMoLE); the frozen W0 is only read, never modified;
   2. routing (combination with the global posterior, selection) in fp32 on the small logits;
   3. the rank activations (E*r) are scaled slice-wise by w_i * alpha/r and multiplied by the
      concatenated B = [B_1 ... B_E] in one addmm onto the base output.
-`lora` is the same layer with one expert of rank E*r and no routing.
+LoRA and the thresholded softmax-of-logits layers (HDMoLE's default) run all of it as one
+autograd node (fused.FusedLayer); the other strategies take the generic path (StackedLinear,
+route_and_gate, addmm). `lora` is the same layer with one expert of rank E*r and no routing.
 """
 from __future__ import annotations
 
@@ -35,39 +37,40 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 
 class StackedLinear(torch.autograd.Function):
-    """(y, h) = (x W0^T + b, x D^T) as ONE matrix product with the stacked rows [W0; D]:
-    x is read once. Backward computes dx = [dy, dh] [W0; D] as one matrix product too,
-    instead of two products whose (N, d_in) results autograd would then add.
-    Runs in `dtype` (explicit casts; autocast is off inside). With `split` = k, h comes back
-    as two outputs h[..., :k], h[..., k:] (no slice-backward zero tensors in autograd)."""
+    """(y, h) = (x W0^T + b, x D^T): the base product (cuBLAS's fused bias) and one product
+    with the adapter rows D. Backward computes dx = [dy, dh] [W0; D] as ONE matrix product,
+    instead of two products whose (N, d_in) results autograd would then add. (A stacked
+    forward product would read x once but leave y strided, costing a copy and a separate
+    bias pass: docs/method.md section 6b.) Runs in `dtype` (explicit casts; autocast is off
+    inside). With `split` = k, h comes back as two outputs h[..., :k], h[..., k:] (no
+    slice-backward zero tensors in autograd)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w0: Tensor, b0: Tensor | None, down: Tensor,
                 dtype: torch.dtype, split: int | None = None) -> tuple[Tensor, ...]:
         with torch.autocast(x.device.type, enabled=False):
-            stacked = torch.cat([cast(w0, dtype), cast(down, dtype)])
-            bias = None if b0 is None else torch.cat([cast(b0, dtype),
-                                                      b0.new_zeros(down.shape[0], dtype=dtype)])
-            xc = cast(x, dtype)
-            out = F.linear(xc, stacked, bias)
-        ctx.save_for_backward(xc, stacked)
+            w0c, downc, xc = cast(w0, dtype), cast(down, dtype), cast(x, dtype)
+            y = F.linear(xc, w0c, None if b0 is None else cast(b0, dtype))
+            h = F.linear(xc, downc)
+        ctx.save_for_backward(xc, w0c, downc)
         d_out = w0.shape[0]
         sizes = [d_out, down.shape[0]] if split is None else [d_out, split, down.shape[0] - split]
         ctx.shapes = (sizes, x.dtype, w0.dtype, down.dtype, b0 is not None)
-        return tuple(out.split(sizes, -1))
+        return (y, h) if split is None else (y, *h.split(sizes[1:], -1))
 
     @staticmethod
     def backward(ctx, dy: Tensor | None, *dhs: Tensor | None):
-        xc, stacked = ctx.saved_tensors
+        xc, w0c, downc = ctx.saved_tensors
         sizes, x_dtype, w0_dtype, down_dtype, has_bias = ctx.shapes
         d_out = sizes[0]
-        dtype = stacked.dtype
+        dtype = w0c.dtype
         lead = xc.shape[:-1]
         parts = [cast(g, dtype) if g is not None else xc.new_zeros(*lead, size, dtype=dtype)
                  for g, size in zip((dy, *dhs), sizes)]
         with torch.autocast(xc.device.type, enabled=False):
-            grads = torch.cat(parts, -1).reshape(-1, stacked.shape[0])
-            dx = (grads @ stacked).view(*lead, -1) if ctx.needs_input_grad[0] else None
+            grads = torch.cat(parts, -1).reshape(-1, sum(sizes))
+            dx = ((grads @ torch.cat([w0c, downc])).view(*lead, -1) if ctx.needs_input_grad[0]
+                  else None)
             flat_x = xc.reshape(-1, xc.shape[-1])
             d_down = grads[:, d_out:].t() @ flat_x
             dw0 = db0 = None

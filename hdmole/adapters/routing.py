@@ -108,7 +108,7 @@ class Combination(nn.Module):
 
     needs_local = True
     # p = softmax(l + beta * log g) (`beta` attribute) or softmax(l) (none): the form the
-    # fused eager kernel (fused.ThresholdGate) computes with a hand-written backward.
+    # fused routing (fused.gate_forward / gate_backward) computes with a hand-written backward.
     softmax_of_logits = False
 
     def forward(self, logits: Tensor | None, log_g: Tensor | None) -> Tensor:

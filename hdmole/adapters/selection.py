@@ -19,7 +19,8 @@ class Selection(nn.Module):
 
     extra_rows = 0
     # Threshold strategies: forward(p, extra) == threshold_weights(p, self.threshold(extra)),
-    # which the fused eager kernel (fused.ThresholdGate) computes with a hand-written backward.
+    # which the fused routing (fused.gate_forward / gate_backward) computes with a hand-written
+    # backward.
     thresholded = False
 
     def __init__(self, cfg: AdapterConfig, resolved: ResolvedAdapter, in_features: int) -> None:

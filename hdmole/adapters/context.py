@@ -77,7 +77,8 @@ class RoutingState:
         names = [where for where, _ in self.watched]
         values = [v.detach() for _, v in self.watched]
         self.watched = []
-        bad = torch.cat([v.reshape(-1) for v in values]).isnan().any()
+        device = values[0].device  # layers spread over devices: one flag on the first
+        bad = torch.cat([v.reshape(-1).to(device) for v in values]).isnan().any()
         if bad.is_cuda:
             host = torch.empty((), dtype=torch.bool, pin_memory=True)
             host.copy_(bad, non_blocking=True)

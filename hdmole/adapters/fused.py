@@ -45,6 +45,16 @@ _compile_error: str | None = None
 last_path: str = "none"
 
 
+def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype; skips the dispatch of a no-op .to() (this path is launch-bound)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def routing_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for low-precision matrix products, float64 stays float64 (references)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def route_and_gate(combination: Combination, selection: Selection, a: Tensor, rows: Tensor,
                    log_g: Tensor | None, scaling: float, num_experts: int,
                    rank: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
@@ -61,7 +71,7 @@ def route_and_gate(combination: Combination, selection: Selection, a: Tensor, ro
     if selection.extra_rows:
         extra = rows.to(dtype) + selection.extra_bias().to(dtype)
     if log_g is not None:
-        log_g = log_g.to(dtype)
+        log_g = cast(log_g, dtype)
     if (selection.thresholded and combination.softmax_of_logits
             and not torch.compiler.is_compiling()):  # compiled: Inductor fuses the generic path
         tau = selection.threshold(extra, dtype)
@@ -178,7 +188,7 @@ def gate_forward(a: Tensor, logits: Tensor, log_g: Tensor | None, beta: Tensor |
         gated = a * (w * scaling) per expert rank slice
 
     Returns (gated, p, w, total, gate); the last two are what gate_backward needs."""
-    z = logits if log_g is None else torch.addcmul(logits, log_g, beta.to(logits.dtype))
+    z = logits if log_g is None else torch.addcmul(logits, log_g, cast(beta, logits.dtype))
     p = z.softmax(-1)
     excess = (p - tau).clamp_min_(0.0)
     total = excess.sum(-1, keepdim=True)
@@ -217,9 +227,9 @@ def gate_backward(d_gated: Tensor | None, d_p: Tensor | None, a: Tensor, p: Tens
     d_z = torch._softmax_backward_data(d_z_in, p, -1, p.dtype)
     if log_g is not None:
         if need[2]:
-            d_log_g = (beta.to(d_z.dtype) * d_z).sum_to_size(log_g.shape)
+            d_log_g = (cast(beta, d_z.dtype) * d_z).sum_to_size(log_g.shape)
         if need[3]:
-            d_beta = (d_z * log_g).sum().to(beta.dtype)
+            d_beta = cast((d_z * log_g).sum(), beta.dtype)
     return d_a, d_z if need[1] else None, d_log_g, d_beta, d_tau
 
 
@@ -244,16 +254,6 @@ class ThresholdGate(torch.autograd.Function):
         grads = gate_backward(d_gated, d_p, *ctx.saved_tensors, ctx.scaling, ctx.rank,
                               ctx.needs_input_grad[:5])
         return (*grads, None, None)
-
-
-def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """t in dtype; skips the dispatch of a no-op .to() (this path is launch-bound)."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-def routing_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for low-precision matrix products, float64 stays float64 (references)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 class LayerSpec(NamedTuple):
@@ -327,7 +327,7 @@ def layer_backward(dy: Tensor | None, d_p: Tensor | None, d_logits: Tensor | Non
             d_gated.view(*lead, -1), d_p, a.view(*lead, -1), p, w, total, gate, log_g, beta,
             tau, scaling, rank, (True, True, need[7], need[8], need[9]))
         if d_tau is not None:  # tau = tau_scale * sigmoid(logit)
-            d_logit = (d_tau * tau_scale * sig * (1.0 - sig)).to(dtypes[6])
+            d_logit = cast(d_tau * tau_scale * sig * (1.0 - sig), dtypes[6])
         d_l = d_z if d_logits is None else d_z + d_logits  # + the z-loss's own use
         parts = [d_a.view(d_gated.shape), cast(d_l, dtype).view(d_gated.shape[0], -1)]
     if mask is not None:

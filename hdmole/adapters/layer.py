@@ -150,8 +150,10 @@ class MoLoRALinear(nn.Module):
             rows.append(extra)
         return rows[0] if len(rows) == 1 else torch.cat(rows, 0)
 
-    # Stack W0 with the adapter rows in one product. False: call the base layer and the
-    # adapter rows separately (generic path; the benchmark compares both).
+    # True: the base and the adapter products in one autograd node (FusedLayer, or
+    # StackedLinear on the generic path), dx as one product. False: the base layer called as
+    # a module and the adapter rows through autograd, on the generic path (the benchmark
+    # compares both).
     stack_base = True
 
     @property

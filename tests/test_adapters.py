@@ -499,6 +499,25 @@ def test_fused_layer_and_generic_path_agree_in_value_and_gradient(selection, glo
         assert g1[n] is not None and torch.allclose(g1[n], g2[n], atol=1e-12), n
 
 
+def test_fused_layer_is_one_autograd_node_over_its_leaves():
+    """The speed of a layer call on a GPU is bound by its host operations: the whole call
+    (threshold included) must stay one node whose inputs are the trainable leaves, the
+    layer's input and the global router's posterior."""
+    module, handle = make("threshold", dropout=0.1)
+    layer = module.linear1
+    x, feats, fmask, labels, tmask = batch()
+    x.requires_grad_(True)
+    with handle.routing(feats, fmask, labels, tmask):
+        y = layer(x)
+    assert y.grad_fn.name() == "FusedLayerBackward"
+    inputs = [fn for fn, _ in y.grad_fn.next_functions if fn is not None]
+    leaves = {id(fn.variable) for fn in inputs if hasattr(fn, "variable")}
+    assert leaves == {id(x), id(layer.lora_A), id(layer.router), id(layer.lora_B),
+                      id(layer.combination.beta), id(layer.selection.theta)}
+    others = [fn.name() for fn in inputs if not hasattr(fn, "variable")]
+    assert len(others) == 1 and "View" in others[0]  # log g, from the global router
+
+
 @pytest.mark.parametrize("routed,bias,masked,x_grad", [
     (True, True, True, True), (True, False, False, False), (False, True, True, True),
     (False, False, False, True)])

@@ -181,7 +181,7 @@ def reset_compiled() -> None:
 
 
 def gate_forward(a: Tensor, logits: Tensor, log_g: Tensor | None, beta: Tensor | None,
-                 tau: Tensor, scaling: float, rank: int):
+                 tau: Tensor | float, scaling: float, rank: int):
     """Softmax-of-logits combination + threshold selection, forward:
 
         z = l (+ beta * log g);  p = softmax(z);  w = (p - tau)_+ / sum_j (p_j - tau)_+
@@ -201,7 +201,7 @@ def gate_forward(a: Tensor, logits: Tensor, log_g: Tensor | None, beta: Tensor |
 
 def gate_backward(d_gated: Tensor | None, d_p: Tensor | None, a: Tensor, p: Tensor, w: Tensor,
                   total: Tensor, gate: Tensor, log_g: Tensor | None, beta: Tensor | None,
-                  tau: Tensor, scaling: float, rank: int, need: tuple[bool, ...]):
+                  tau: Tensor | float, scaling: float, rank: int, need: tuple[bool, ...]):
     """Hand-written backward of gate_forward, in the routing dtype (fp32, or float64 for
     references): a dozen ops instead of ~35 autograd records. need = which of (a, logits,
     log_g, beta, tau) want a gradient. Returns their gradients (None where not needed)."""

@@ -326,8 +326,8 @@ def layer_backward(dy: Tensor | None, d_p: Tensor | None, d_logits: Tensor | Non
         d_a, d_z, d_log_g, d_beta, d_tau = gate_backward(
             d_gated.view(*lead, -1), d_p, a.view(*lead, -1), p, w, total, gate, log_g, beta,
             tau, scaling, rank, (True, True, need[7], need[8], need[9]))
-        if d_tau is not None:  # tau = tau_scale * sigmoid(logit)
-            d_logit = cast(d_tau * tau_scale * sig * (1.0 - sig), dtypes[6])
+        if d_tau is not None:  # tau = tau_scale * sigmoid(logit): d tau / d logit = tau (1 - sig)
+            d_logit = cast(d_tau * tau * (1.0 - sig), dtypes[6])
         d_l = d_z if d_logits is None else d_z + d_logits  # + the z-loss's own use
         parts = [d_a.view(d_gated.shape), cast(d_l, dtype).view(d_gated.shape[0], -1)]
     if mask is not None:

@@ -253,7 +253,7 @@ def _render_star(args: tuple[list[UttPlan], str]) -> list[tuple[str, int]]:
 def _write_layouts(out: Path, utts: list[UttPlan]) -> None:
     aishell = sorted((u for u in utts if u.corpus == "aishell"), key=lambda u: u.utt_id)
     write_text_atomic(out / "aishell/data_aishell/transcript/aishell_transcript_v0.8.txt",
-                "".join(f"{u.utt_id} {' '.join(u.words)}\n" for u in aishell))
+                      "".join(f"{u.utt_id} {' '.join(u.words)}\n" for u in aishell))
     by_part: dict[str, list[UttPlan]] = {}
     for u in utts:
         if u.corpus == "kespeech":
@@ -366,8 +366,8 @@ def generate(out: str | Path, size_name: str = "default", seed: int = 0, nj: int
         min_char_count=size.min_char_count, text_stats=stats_md, rules=rule_table_markdown(),
         styles=style_table_markdown(), counts=counts_md))
     write_text_atomic(out / "LICENCE.md", "Transcripts: CC-BY-SA-4.0, derived from hsk-sentences-audio "
-                "(https://github.com/no7z/hsk-sentences-audio). See README.md.\n"
-                "https://creativecommons.org/licenses/by-sa/4.0/legalcode\n")
+                      "(https://github.com/no7z/hsk-sentences-audio). See README.md.\n"
+                      "https://creativecommons.org/licenses/by-sa/4.0/legalcode\n")
     manifest = {
         "version": CORPUS_VERSION, "size": size_name, "seed": seed, "plan_sha256": digest,
         "size_config": asdict(size), "text_stats": plan.text_stats, "counts": counts,

@@ -499,6 +499,20 @@ def test_fused_layer_and_generic_path_agree_in_value_and_gradient(selection, glo
         assert g1[n] is not None and torch.allclose(g1[n], g2[n], atol=1e-12), n
 
 
+def test_threshold_contract_errors_name_the_strategy():
+    """threshold() / threshold_logit() on strategies that have none: a clear error, not a
+    silent fallback (the fused layer relies on threshold_logit for its tau)."""
+    _, handle = make("topk")
+    selection = handle.layers["linear1"].selection
+    with pytest.raises(NotImplementedError, match="TopKSelection has no threshold"):
+        selection.threshold(None, torch.float32)
+    with pytest.raises(NotImplementedError, match="TopKSelection has no per-layer threshold"):
+        selection.threshold_logit()
+    _, handle = make("token_threshold", "none", "local")  # per token: not a per-layer tau
+    with pytest.raises(NotImplementedError, match="TokenThresholdSelection has no per-layer"):
+        handle.layers["linear1"].selection.threshold_logit()
+
+
 def test_fused_layer_is_one_autograd_node_over_its_leaves():
     """The speed of a layer call on a GPU is bound by its host operations: the whole call
     (threshold included) must stay one node whose inputs are the trainable leaves, the

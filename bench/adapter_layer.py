@@ -10,6 +10,7 @@ global accent router alone (once per model and batch, not per layer).
 
     python bench/adapter_layer.py --shape small                     # CPU
     python bench/adapter_layer.py --shape host                      # CPU: host cost per row
+    python bench/adapter_layer.py --shape host --compile true       # ... of the compiled path
     python bench/adapter_layer.py --shape paper --out bench.json    # CUDA, bf16
     python bench/adapter_layer.py --profile                         # + ops/kernels per row
     python bench/adapter_layer.py --kernel-table "hdmole layer"     # CUDA: kernels of rows
@@ -188,6 +189,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="rows whose routing uses compile=auto (compiled on CUDA); the "
                              "others run eager. Default hdmole: one compiled graph family, so "
                              "the Inductor warm-up stays short")
+    parser.add_argument("--compile", choices=("auto", "true", "false"), default="auto",
+                        help="AdapterConfig.compile of the rows that compile (--compile-rows): "
+                             "auto compiles routed layers on CUDA in training; true also on "
+                             "CPU (Inductor's C++ backend), e.g. the compiled path's host "
+                             "cost with --shape host on a machine without a GPU")
     parser.add_argument("--no-graphs", dest="graphs", action="store_false",
                         help="CUDA: skip the CUDA-graph replay columns (GPU time without host "
                              "launch costs)")
@@ -223,7 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
     pooled_features = torch.randn(b, 1, shape["feature_dim"], device=device, dtype=dtype)
     frames = torch.randn(b, shape["frames"], shape["feature_dim"], device=device, dtype=dtype)
     frame_mask = torch.ones(b, shape["frames"], dtype=torch.bool, device=device)
-    base_cfg = AdapterConfig(num_experts=experts, rank=rank, alpha=2.0 * rank)
+    base_cfg = AdapterConfig(num_experts=experts, rank=rank, alpha=2.0 * rank,
+                             compile=args.compile)
 
     def fresh_base() -> nn.Linear:
         torch.manual_seed(0)
@@ -258,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
         return module, handle
 
     rows: list[tuple[str, Callable[[], None]]] = [("frozen base linear", layer_step(Wrap(fresh_base()), None))]
-    other_compile = "auto" if args.compile_rows == "all" else "false"
+    other_compile = args.compile if args.compile_rows == "all" else "false"
     if args.compile_rows == "none":
         base_cfg = replace(base_cfg, compile="false")
     for name, compile_mode in (("", base_cfg.compile), (" (eager)", "false")):

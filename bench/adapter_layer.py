@@ -114,19 +114,21 @@ def capture(step: Callable[[], None]) -> Callable[[], None]:
     """`step` (forward + backward) captured in a CUDA graph; its replay runs the same kernels
     without Python, dispatcher or launch costs: the layer's GPU time. Eager timings of small
     layers are bound by the host's ~10-30 us per op, which a real model hides behind the
-    GPU work of its other layers (the host runs ahead), a lone layer cannot. A capture never
-    compiles (fused.use_compiled): compiled rows replay their eager kernels. `step` must not
-    keep autograd graphs alive between calls (their gradient nodes would stay on the stream
-    they were made on)."""
+    GPU work of its other layers (the host runs ahead), a lone layer cannot. A capture and
+    its warm-up never compile (fused.eager): compiled rows replay their eager kernels, run
+    once before the capture (their first run inside one could fail it). `step` must not keep
+    autograd graphs alive between calls (their gradient nodes would stay on the stream they
+    were made on)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up on a side stream, as CUDA graph capture requires
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    with fused.eager():  # the warm-up runs the (eager) kernels the capture records
+        with torch.cuda.stream(side):  # on a side stream, as CUDA graph capture requires
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            step()
     return graph.replay
 
 

@@ -655,10 +655,15 @@ def adapter_bench():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_replay_of_forward_and_backward_matches_eager():
+@pytest.mark.parametrize("compile,stack_base", [("false", True), ("auto", False)])
+def test_cuda_graph_replay_of_forward_and_backward_matches_eager(compile, stack_base):
     # bench/adapter_layer.py times the layer's GPU work as a graph replay: it must be the
     # same computation (eager routing inside the capture, finite flags dropped there).
-    module, handle = make("threshold", compile="false")
+    # compile=auto on the generic path: the step below runs compiled; the capture (and its
+    # warm-up, fused.eager) eager, which the bench once failed to capture.
+    module, handle = make("threshold", compile=compile)
+    for layer in handle.layers.values():
+        layer.stack_base = stack_base
     module.cuda()
     handle.cuda()
     x, feats, fmask, labels, tmask = (t.cuda() for t in batch())
@@ -764,6 +769,23 @@ def test_compile_auto_is_eager_on_cpu_and_a_compile_failure_falls_back(traced_co
             got = module(x)
     assert traced_compile.last_path.startswith("eager (compile failed")
     assert torch.equal(got, want)
+
+
+def test_eager_context_overrides_compile_and_nests(traced_compile):
+    x = batch()[0]
+    module, handle = make("threshold", compile="true")
+    with handle.routing(*batch()[1:]):
+        compiled = module(x)
+        assert traced_compile.last_path == "fused layer (compiled)"
+        with traced_compile.eager():
+            with traced_compile.eager():
+                module(x)
+            assert traced_compile.last_path == "fused layer"
+            eager = module(x)
+            assert traced_compile.last_path == "fused layer"
+        module(x)
+        assert traced_compile.last_path == "fused layer (compiled)"
+    assert torch.allclose(eager, compiled, atol=1e-5)
 
 
 def test_compile_config_key_is_strict():

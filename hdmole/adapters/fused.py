@@ -15,9 +15,9 @@ arithmetic (a few fused Triton kernels each way) save. docs/method.md section 6b
 measurements. The arithmetic is the same on every path; tests compare them in float64.
 
 compile = "auto": routed layers compiled on CUDA when gradients are enabled (training), eager
-otherwise (CPU, inference, CUDA-graph capture); "true": compiled wherever possible (LoRA
-layers too); "false": eager. A compile failure warns once and falls back to eager for the
-rest of the process.
+otherwise (CPU, inference, CUDA-graph capture, inside `eager()`); "true": compiled wherever
+possible (LoRA layers too); "false": eager. A compile failure warns once and falls back to
+eager for the rest of the process.
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ COMPILE_BACKEND = "inductor"
 # Compiled copies of route_and_gate / layer_forward / layer_backward (_compiled_copy).
 _compiled: dict[tuple, Callable] = {}
 _compile_error: str | None = None
+_eager_depth = 0  # > 0 inside `eager()`
 # Which path the last call took: "fused layer" (FusedLayer), or the routing of the generic
 # path: "compiled", "eager" or "eager (compile failed: ...)".
 last_path: str = "none"
@@ -111,9 +112,22 @@ def _probe(compiled: Callable, args: tuple) -> None:
         torch.autograd.grad(loss, inputs, allow_unused=True)
 
 
+@contextlib.contextmanager
+def eager():
+    """Every adapter call inside runs eagerly, whatever AdapterConfig.compile says: for a
+    CUDA-graph capture AND the warm-up before it (the warm-up must run the kernels the
+    capture records: a kernel's first run inside a capture can fail it), or for debugging."""
+    global _eager_depth
+    _eager_depth += 1
+    try:
+        yield
+    finally:
+        _eager_depth -= 1
+
+
 def use_compiled(mode: str, a: Tensor) -> bool:
     """Whether `compile` mode `mode` compiles a call on `a` now (module docstring)."""
-    if mode == "false" or _compile_error is not None:
+    if mode == "false" or _compile_error is not None or _eager_depth:
         return False
     if a.is_cuda and torch.cuda.is_current_stream_capturing():
         return False  # never compile inside a CUDA-graph capture

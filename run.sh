@@ -117,6 +117,8 @@ else
 fi
 if [ "${model}" = tiny ]; then
     common_overrides+=("model.encoder_dir=${data_root}/tiny/whisper" "model.llm_dir=${data_root}/tiny/qwen")
+elif [ "${model}" = paper ]; then  # local checkpoint directories named in db.sh
+    common_overrides+=("model.encoder_dir=${WHISPER_LARGE_V3}" "model.llm_dir=${QWEN2_7B}")
 fi
 
 # run_stage MARKER KEY CMD...: run CMD unless MARKER holds KEY; write MARKER only on success.

@@ -32,14 +32,21 @@ class DecodeConfig:
     # repeated max_repeats times ends there (0 disables).
     max_repeats: int = 4
     repeat_max_ngram: int = 4
-    # Which training checkpoint to decode with: "best" (dev metric) or "last".
+    # Which weights to decode with: "best" (the run's export, best dev metric) or "last" (the
+    # trainable weights of checkpoints/last.pt, the end of training, over the export).
     checkpoint: str = "best"
     # Test sets by cut-set name (data/cuts/<name>.jsonl.gz); empty = every test set of the corpus.
     test_sets: list[str] = field(default_factory=list)
     device: str = "auto"
-    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     # Limit per set for quick checks (0 = all utterances).
     max_utterances: int = 0
+
+    def __post_init__(self) -> None:
+        if self.checkpoint not in CHECKPOINTS:
+            raise ValueError(f"decode.checkpoint={self.checkpoint!r}: choose one of {CHECKPOINTS}")
+
+
+CHECKPOINTS = ("best", "last")
 
 
 GENERATION_FIELDS = ("num_beams", "max_new_tokens", "max_tokens_per_second", "max_repeats", "repeat_max_ngram",

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from hdmole.data.accents import ACCENTS
 from hdmole.score import read_keyed
@@ -73,3 +74,27 @@ def test_rerun_is_noop_and_single_stages(recipe):
     r = run("--stage", "3", "--stop-stage", "5", "--adapter", "base")
     info = (EXP / "base" / "model" / "info.json")
     assert info.exists() and "| trainable parameters | 0 |" in (EXP / "base" / "RESULTS.md").read_text()
+
+
+@pytest.mark.slow
+def test_decode_checkpoint_best_or_last(recipe, monkeypatch):
+    from safetensors.torch import load_file
+
+    from hdmole.bin.decode import load_decoding_weights
+    from hdmole.bin.train import build_model
+    from hdmole.config import load_resolved, to_object
+    from hdmole.train.checkpoint import load_checkpoint
+
+    monkeypatch.chdir(ROOT)  # the run's config names its data and base relative to the repository
+    run_dir = EXP / "hdmole"
+    cfg = to_object(load_resolved(run_dir, []))
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")["trainable"]
+    export = load_file(str(run_dir / "model" / "weights.safetensors"))
+    for which, want in (("best", export), ("last", last)):
+        model, _ = build_model(cfg)
+        load_decoding_weights(model, run_dir, which)
+        params = dict(model.named_parameters())
+        for name in last:  # every trainable parameter comes from the chosen source
+            assert torch.equal(params[name].detach(), want[name].to(params[name].dtype)), (which, name)
+    with pytest.raises(Exception, match="decode.checkpoint='newest'"):
+        to_object(load_resolved(run_dir, ["decode.checkpoint=newest"]))

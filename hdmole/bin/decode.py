@@ -17,10 +17,23 @@ from hdmole.config import load_resolved, to_object
 from hdmole.data.accents import ACCENTS
 from hdmole.decode import generation_kwargs, transcribe_batches, write_set
 from hdmole.train.distributed import DistInfo
+from hdmole.train.checkpoint import load_checkpoint, load_trainable_state
 from hdmole.train.export import load_export
+from hdmole.train.loop import LAST
 
 log = logging.getLogger("hdmole.decode")
 DEFAULT_TEST_SETS = ("kespeech_test", "aishell_test")
+
+
+def load_decoding_weights(model, exp_dir: Path, checkpoint: str) -> None:
+    """The run's own export (its best checkpoint, over init_from's weights); for "last", the
+    trainable weights of checkpoints/last.pt over that."""
+    load_export(model, exp_dir)
+    if checkpoint == "last":
+        path = exp_dir / "checkpoints" / LAST
+        if not path.exists():
+            raise FileNotFoundError(f"decode.checkpoint=last: {path} does not exist")
+        load_trainable_state(model, load_checkpoint(path)["trainable"], str(path))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     save_provenance(exp_dir / "decode", argv)
     device = None if cfg.decode.device == "auto" else cfg.decode.device
     model, _ = build_model(cfg, device)
-    load_export(model, exp_dir)  # the run's own export (best checkpoint), over init_from's
+    load_decoding_weights(model, exp_dir, cfg.decode.checkpoint)
     model.eval()
     handle = routing_handle(model)
     sets = list(cfg.decode.test_sets) or list(DEFAULT_TEST_SETS)

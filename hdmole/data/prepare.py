@@ -330,7 +330,9 @@ def _fresh_manifests(manifest_dir: Path, prefix: str, fingerprint: str) -> None:
 
 
 def check_corpus(corpus: str, cfg: DataConfig) -> PrepReport:
-    """Only the checks (layout, alignment, audio): for run.sh stage 0 on a real corpus."""
+    """Only the checks (layout, alignment, audio), without writing anything: the standalone
+    pre-check of a real corpus (local/check_corpus.py, `--check-only`); run.sh checks the
+    layout in stage 0 and everything in stage 1."""
     report = PrepReport(corpus)
     checked = CORPORA[corpus].check(cfg, report)
     report.resampled = len(checked.resample)

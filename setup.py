@@ -27,6 +27,7 @@ setup(
             "hdmole-train=hdmole.bin.train:main",
             "hdmole-decode=hdmole.bin.decode:main",
             "hdmole-score=hdmole.bin.score:main",
+            "hdmole-pretrained=hdmole.bin.pretrained:main",
         ]
     },
 )

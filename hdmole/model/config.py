@@ -37,7 +37,7 @@ class ModelConfig:
     # With pad_to_30s, feed all 30 s of encoder frames to the LLM (SLAM-LLM) or only the valid ones.
     pad_to_30s_keep_padding: bool = True
 
-    # Prompt: one builder for training and decoding (hdmole.model.prompt).
+    # Prompt: one builder for training and decoding (hdmole.model.llm.PromptBuilder).
     instruction: str = DEFAULT_INSTRUCTION
     eos_token: str = "<|im_end|>"
 
@@ -47,7 +47,7 @@ class ModelConfig:
     asr_weight: float = 1.0
     ctc_weight: float = 0.0
     # CTC output units (hdmole.model.ctc_units): "tokens" (the LLM vocabulary; char CTC with the
-    # tiny tokenizer) or "pinyin" (initials/finals/tones, ~60 units: learns far faster).
+    # tiny tokenizer) or "pinyin" (initials/finals/tones, 66 units: learns far faster).
     ctc_units: str = "tokens"
 
     # SpecAugment on the input log-mel while training (0 masks = off): masks of up to `width`

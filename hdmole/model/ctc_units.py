@@ -2,7 +2,7 @@
 
 - `tokens`: the LLM tokenizer's vocabulary, blank = the pad token. With the project's char-level
   tiny tokenizer this is character CTC.
-- `pinyin`: Mandarin initials, finals and tones (about 60 units, blank = 0), from the text via
+- `pinyin`: Mandarin initials, finals and tones (66 units, blank = 0), from the text via
   pypinyin. Far easier to learn from little audio than ~2,000 characters (environment.md: 31%
   phone error vs 62% character error in the same 10 CPU minutes), so it suits encoder
   pre-training of the tiny base model. Characters without a reading (punctuation, Latin) are

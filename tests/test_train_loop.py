@@ -230,3 +230,20 @@ def test_schedule_warmup_and_decay():
     assert lr_multiplier(50, 0, 100, "constant", 0.1) == 1.0
     with pytest.raises(ValueError, match="unknown"):
         lr_multiplier(0, 1, 2, "cosne", 0.1)
+
+
+def test_precision_follows_a_model_that_autocasts_itself(tmp_path: Path):
+    from hdmole.train.loop import model_autocast_dtype
+
+    cpu = torch.device("cpu")
+    plain = Toy()
+    assert model_autocast_dtype(plain, "bf16", cpu) == torch.bfloat16  # the trainer's autocast
+    assert model_autocast_dtype(plain, "auto", cpu) is None
+    own = Toy()
+    own.compute_dtype = torch.float32  # LLMASR's model.dtype: its forward autocasts to this
+    assert model_autocast_dtype(own, "auto", cpu) is None
+    assert model_autocast_dtype(own, "fp32", cpu) is None
+    with pytest.raises(ValueError, match="train.precision='bf16' contradicts .*model.dtype"):
+        Trainer(own, cfg(precision="bf16"), tmp_path, make_batches())
+    own.compute_dtype = torch.bfloat16
+    assert model_autocast_dtype(own, "auto", cpu) == torch.bfloat16  # FSDP gathers in bf16

@@ -90,6 +90,22 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     raise ValueError(f"train.precision={precision!r}; choose auto, fp32 or bf16")
 
 
+def model_autocast_dtype(model: nn.Module, precision: str, device: torch.device) -> torch.dtype | None:
+    """The training autocast dtype. A model that autocasts itself (LLMASR: its
+    `compute_dtype`, from model.dtype, wins over any outer autocast) decides it; an explicit
+    train.precision that contradicts it is an error rather than silently ignored."""
+    wanted = autocast_dtype(precision, device)
+    own = getattr(model, "compute_dtype", None)
+    if own is None:
+        return wanted
+    own = None if own == torch.float32 else own
+    if precision != "auto" and wanted != own:
+        raise ValueError(f"train.precision={precision!r} contradicts the model's compute dtype "
+                         f"{model.compute_dtype} (model.dtype, which the model autocasts to): "
+                         "set model.dtype instead, or leave train.precision=auto")
+    return own
+
+
 class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, exp_dir: Path | str, train_batches: TrainBatches,
                  validate: Validate | None = None, routing_stats: Callable[[], dict] | None = None,
@@ -103,7 +119,7 @@ class Trainer:
         self.ckpt_dir = self.exp_dir / "checkpoints"
         self.info = dist_info or DistInfo()
         self.device = resolve_device(cfg.device, self.info)
-        self.amp_dtype = autocast_dtype(cfg.precision, self.device)
+        self.amp_dtype = model_autocast_dtype(model, cfg.precision, self.device)
         self.model = model.to(self.device)
         self.train_batches = train_batches
         self.validate = validate

@@ -38,7 +38,8 @@ class DecodeConfig:
     # Test sets by cut-set name (data/cuts/<name>.jsonl.gz); empty = every test set of the corpus.
     test_sets: list[str] = field(default_factory=list)
     device: str = "auto"
-    # Limit per set for quick checks (0 = all utterances).
+    # Limit per set for quick checks (0 = all utterances), in whole batches: the batch that
+    # reaches it is decoded in full.
     max_utterances: int = 0
 
     def __post_init__(self) -> None:

@@ -247,3 +247,16 @@ def test_precision_follows_a_model_that_autocasts_itself(tmp_path: Path):
         Trainer(own, cfg(precision="bf16"), tmp_path, make_batches())
     own.compute_dtype = torch.bfloat16
     assert model_autocast_dtype(own, "auto", cpu) == torch.bfloat16  # FSDP gathers in bf16
+
+
+def test_valid_at_start_also_without_periodic_validation(tmp_path: Path):
+    steps = []
+
+    def validate(model):
+        steps.append(len(steps))
+        return {"cer": 1.0 - 0.1 * len(steps), "loss": 0.0}
+
+    st = Trainer(fresh_model(), cfg(max_steps=4, valid_every=0, valid_at_start=True), tmp_path,
+                 make_batches(), validate=validate).fit()
+    rows = [r["step"] for r in read_log(tmp_path) if r["kind"] == "valid"]
+    assert rows == [0, 4] and st.best_step == 4  # at the start and at the end, nothing between

@@ -25,7 +25,8 @@ TAU_HEADROOM = 1.0 - 1.0e-3
 @dataclass
 class AdapterConfig:
     # --- what to adapt -------------------------------------------------------------------
-    # "none": freeze everything (the pre-trained base model); "full": train the matched
+    # "none": no adapter (the base preset; what trains is then up to model.freeze_*, all
+    # frozen in experiment=adapt); "full": train the matched
     # linears themselves; "lora": one LoRA of rank num_experts*rank per matched linear;
     # "mole": a mixture of LoRA experts per matched linear (routing below).
     method: str = "mole"

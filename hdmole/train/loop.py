@@ -331,7 +331,7 @@ class Trainer:
             if st.stop_reason:
                 log.info("%s: training already finished (%s)", self.exp_dir, st.stop_reason)
                 return st
-            if not resumed and cfg.valid_at_start and cfg.valid_every > 0:
+            if not resumed and cfg.valid_at_start:  # also with valid_every=0 (only at the end)
                 self._validate(logger)
             if st.step >= cfg.max_steps:
                 st.stop_reason = "max_steps"

@@ -16,8 +16,8 @@ from hdmole.bin.train import build_model, make_loader, routing_handle
 from hdmole.config import load_resolved, to_object
 from hdmole.data.accents import ACCENTS
 from hdmole.decode import generation_kwargs, transcribe_batches, write_set
-from hdmole.train.distributed import DistInfo
 from hdmole.train.checkpoint import load_checkpoint, load_trainable_state
+from hdmole.train.distributed import DistInfo
 from hdmole.train.export import load_export
 from hdmole.train.loop import LAST
 

@@ -170,21 +170,13 @@ def run_route_and_gate(combination: Combination, selection: Selection, a: Tensor
                        mode: str = "auto"):
     """route_and_gate, compiled or eager according to `mode` (see the module docstring)."""
     global last_path
-    args = (combination, selection, a, rows, log_g, scaling, num_experts, rank)
-    if use_compiled(mode, a):
-        try:
-            key = (type(combination).__name__, type(selection).__name__)
-            compiled, first = _compiled_copy(key, route_and_gate)
-            with _eager_backward_compile():
-                if first:
-                    _probe(compiled, args)
-                out = compiled(*args)
-            last_path = "compiled"
-            return out
-        except Exception as err:  # noqa: BLE001 - any compiler failure: eager is still exact
-            _compile_failed(err)
-    out = route_and_gate(*args)
-    last_path = "eager" if _compile_error is None else f"eager (compile failed: {_compile_error})"
+    compiled = use_compiled(mode, a)
+    out = _run(route_and_gate, compiled, (type(combination).__name__, type(selection).__name__),
+               combination, selection, a, rows, log_g, scaling, num_experts, rank, probe=True)
+    if _compile_error is not None:
+        last_path = f"eager (compile failed: {_compile_error})"
+    else:
+        last_path = "compiled" if compiled else "eager"
     return out
 
 
@@ -366,12 +358,20 @@ def layer_backward(dy: Tensor | None, d_p: Tensor | None, d_logits: Tensor | Non
     return dx, dw0, db0, d_lora_a, d_router, d_lora_b, None, d_log_g, d_beta, d_logit
 
 
-def _run(function: Callable, compiled: bool, key: tuple, *args):
+def _run(function: Callable, compiled: bool, key: tuple, *args, probe: bool = False):
     """function(*args), through its compiled copy when asked; a compile failure warns once
-    and falls back to eager for the rest of the process."""
+    and falls back to eager for the rest of the process. probe: the copy is differentiated
+    by AOTAutograd (called under autograd, not inside FusedLayer), so its first call compiles
+    the backward too, on copies of the inputs (_probe), where a failure can still fall back."""
     if compiled and _compile_error is None:
         try:
-            return _compiled_copy(key, function)[0](*args)
+            copy, first = _compiled_copy(key, function)
+            if not probe:
+                return copy(*args)
+            with _eager_backward_compile():
+                if first:
+                    _probe(copy, args)
+                return copy(*args)
         except Exception as err:  # noqa: BLE001 - any compiler failure: eager is still exact
             _compile_failed(err)
     return function(*args)

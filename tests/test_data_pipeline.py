@@ -142,26 +142,40 @@ def _wav_of(corpus: Path, line: str) -> Path:
     return corpus / "KeSpeech" / line.split()[1]
 
 
+def _error_then_counted_drop(out: Path, tmp_path: Path, error: str, reason: str, utt: str,
+                             corpus: str = "kespeech", split: str = "test", drops: int = 1) -> None:
+    """Bad input stops preparation with `error`; with skip_bad it is a counted drop in the stats."""
+    with pytest.raises(CorpusError, match=error):
+        prepare_corpus(corpus, _cfg(tmp_path, out))
+    report = prepare_corpus(corpus, _cfg(tmp_path, out, skip_bad=True))
+    assert report.dropped[(split, reason)] == drops
+    assert utt not in {c.id for s in ("train", "dev", "test") for c in load_cuts(_cfg(tmp_path, out).cuts_path(corpus, s))}
+    stats = json.loads((tmp_path / f"cuts/{corpus}_stats.json").read_text())
+    assert {"split": split, "reason": reason, "count": drops} in stats["dropped"]
+
+
 @pytest.mark.parametrize("damage, reason", [("missing", "missing_audio"), ("corrupt", "corrupt_audio"),
-                                            ("empty", "empty_audio")])
+                                            ("empty", "empty_audio"), ("nan", "nonfinite_audio"),
+                                            ("inf", "nonfinite_audio"), ("stereo", "multichannel_audio")])
 def test_bad_audio_error_or_counted_skip(corpus, tmp_path, damage, reason):
     out = _copy(corpus, tmp_path)
     _, lines = _break_kespeech(out)
     wav = _wav_of(out, lines[2])
+    audio = sf.read(str(wav), dtype="float32")[0]
     if damage == "missing":
         wav.unlink()
     elif damage == "corrupt":
         wav.write_bytes(b"RIFF\x00\x00garbage" * 10)
-    else:
+    elif damage == "empty":
         sf.write(str(wav), np.zeros(0, dtype=np.float32), 16000, subtype="PCM_16")
-    with pytest.raises(CorpusError, match=rf"{reason.replace('_', ' ')}: .*{wav.name}.*wav.scp:3"):
-        prepare_corpus("kespeech", _cfg(tmp_path, out))
-    report = prepare_corpus("kespeech", _cfg(tmp_path, out, skip_bad=True))
-    assert report.dropped[("test", reason)] == 1
-    cuts = load_cuts(_cfg(tmp_path, out).cuts_path("kespeech", "test"))
-    assert lines[2].split()[0] not in {c.id for c in cuts} and len(cuts) == len(lines) - 1
-    stats = json.loads((tmp_path / "cuts/kespeech_stats.json").read_text())
-    assert {"split": "test", "reason": reason, "count": 1} in stats["dropped"]
+    elif damage in ("nan", "inf"):  # a float wav holds any float32, NaN and inf included
+        audio[len(audio) // 2] = np.nan if damage == "nan" else np.inf
+        sf.write(str(wav), audio, 16000, subtype="FLOAT")
+    else:
+        sf.write(str(wav), np.stack([audio, audio], axis=1), 16000, subtype="PCM_16")
+    _error_then_counted_drop(out, tmp_path, rf"{reason.replace('_', ' ')}: .*{wav.name}.*wav.scp:3", reason,
+                             lines[2].split()[0])
+    assert len(load_cuts(_cfg(tmp_path, out).cuts_path("kespeech", "test"))) == len(lines) - 1
 
 
 def test_wrong_sample_rate_is_resampled(corpus, tmp_path):
@@ -243,8 +257,132 @@ def test_aishell_missing_wav_and_untranscribed_wav(corpus, tmp_path):
 
 def test_empty_split_is_an_error(corpus, tmp_path):
     out = _copy(corpus, tmp_path)
-    with pytest.raises(CorpusError, match="kespeech train: no utterance left"):
+    with pytest.raises(CorpusError, match=r"kespeech train: no utterance left \(dropped in train: too_short \d+\)"
+                                          r"; see the drop counts in .*kespeech_stats.md"):
         prepare_corpus("kespeech", _cfg(tmp_path, out, min_duration=19.0))
+    assert "| train | too_short |" in (tmp_path / "cuts/kespeech_stats.md").read_text()
+
+
+# ---------------------------------------------------------------------------- hostile input
+
+
+def _set_line(path: Path, index: int, line: str) -> None:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines[index] = line
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.mark.parametrize("name, value, reason, error", [
+    ("utt2subdialect", "Cantonese", "unknown_accent", r"utt2subdialect:3: .*unknown accent label 'Cantonese'"),
+    ("wav.scp", "../../outside.wav", "path_outside_corpus", r"wav.scp:3: wav path '../../outside.wav' .* leaves"),
+    ("wav.scp", "<outside>", "path_outside_corpus", r"wav.scp:3: wav path '/.*outside.wav' .* leaves"),
+])
+def test_bad_listing_value_error_or_counted_skip(corpus, tmp_path, name, value, reason, error):
+    """An unknown accent label used to pass preparation and stop training; a wav path leaving the
+    corpus would be read (here a valid wav) wherever it points."""
+    out = _copy(corpus, tmp_path)
+    part_dir, lines = _break_kespeech(out)
+    utt = lines[2].split()[0]
+    shutil.copy(_wav_of(out, lines[2]), tmp_path / "outside.wav")
+    _set_line(part_dir / name, 2, f"{utt} {str(tmp_path / 'outside.wav') if value == '<outside>' else value}")
+    _error_then_counted_drop(out, tmp_path, error, reason, utt)
+
+
+@pytest.mark.parametrize("where", ["same part", "another part"])
+def test_duplicate_kespeech_id_error_or_counted_skip(corpus, tmp_path, where):
+    out = _copy(corpus, tmp_path)
+    part_dir, lines = _break_kespeech(out)
+    target = part_dir if where == "same part" else out / "KeSpeech/Tasks/ASR/dev_phase1"
+    for name in ("wav.scp", "text", "utt2subdialect", "utt2spk"):  # a whole utterance listed twice
+        first = (part_dir / name).read_text(encoding="utf-8").splitlines()[0]
+        with open(target / name, "a", encoding="utf-8") as f:
+            f.write(first + "\n")
+    utt = lines[0].split()[0]
+    if where == "same part":
+        _error_then_counted_drop(out, tmp_path, rf"utterance id '{utt}' listed 2 times: .*test/wav.scp:1, "
+                                 rf".*test/wav.scp:{len(lines) + 1}", "duplicate_id", utt, drops=2)
+    else:  # one copy per split: one drop each
+        _error_then_counted_drop(out, tmp_path, rf"utterance id '{utt}' listed 2 times: .*dev_phase1/wav.scp:\d+, "
+                                 r".*test/wav.scp:1", "duplicate_id", utt, split="dev")
+        assert prepare_corpus("kespeech", _cfg(tmp_path, out, skip_bad=True)).dropped[("test", "duplicate_id")] == 1
+
+
+def test_duplicate_aishell_wav_name_error_or_counted_skip(corpus, tmp_path):
+    out = _copy(corpus, tmp_path)
+    wav_root = out / "aishell/data_aishell/wav"
+    wav = sorted((wav_root / "train").rglob("*.wav"))[0]
+    (wav_root / "dev/S_COPY").mkdir()
+    shutil.copy(wav, wav_root / "dev/S_COPY" / wav.name)
+    _error_then_counted_drop(out, tmp_path, rf"utterance id '{wav.stem}' listed 2 times: .*train/.*{wav.name}, "
+                             rf".*dev/S_COPY/{wav.name}", "duplicate_id", wav.stem, corpus="aishell", split="train")
+
+
+@pytest.mark.parametrize("listing", ["KeSpeech/Tasks/ASR/test/wav.scp", "KeSpeech/Tasks/ASR/test/text",
+                                     "KeSpeech/Tasks/ASR/test/utt2subdialect", "KeSpeech/Tasks/ASR/test/utt2spk",
+                                     "aishell/data_aishell/transcript/aishell_transcript_v0.8.txt"])
+def test_non_utf8_listing_names_file_and_line(corpus, tmp_path, listing):
+    out = _copy(corpus, tmp_path)
+    path = out / listing
+    lines = path.read_bytes().split(b"\n")
+    lines[1] += " 普通话".encode("gbk")  # a GBK copy of the corpus: a structural error, never skipped
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(CorpusError, match=rf"{listing.split('/')[-1]}:2: not UTF-8 \(byte 0x"):
+        prepare_corpus("kespeech" if listing.startswith("KeSpeech") else "aishell", _cfg(tmp_path, out, skip_bad=True))
+
+
+def test_empty_part_names_part_and_stats(corpus, tmp_path):
+    out = _copy(corpus, tmp_path)
+    for name in ("wav.scp", "text", "utt2subdialect", "utt2spk"):
+        (out / "KeSpeech/Tasks/ASR/dev_phase2" / name).write_text("")
+    with pytest.raises(CorpusError, match=r"kespeech part 'dev_phase2': no utterance left \(dropped in dev: nothing\)"
+                                          r"; see the drop counts in .*kespeech_stats.md"):
+        prepare_corpus("kespeech", _cfg(tmp_path, out))
+    # A part emptied by skipped utterances: the counts are in the message and in the stats.
+    out2 = tmp_path / "second"
+    shutil.copytree(corpus, out2)
+    _, lines = _break_kespeech(out2)
+    for line in lines:
+        _wav_of(out2, line).unlink()
+    with pytest.raises(CorpusError, match=rf"kespeech part 'test': .*\(dropped in test: missing_audio {len(lines)}\)"):
+        prepare_corpus("kespeech", _cfg(tmp_path, out2, skip_bad=True))
+    assert f"| test | missing_audio | {len(lines)} |" in (tmp_path / "cuts/kespeech_stats.md").read_text()
+    for wav in (out2 / "aishell/data_aishell/wav/dev").rglob("*.wav"):
+        wav.unlink()
+    with pytest.raises(CorpusError, match=r"aishell part 'dev': no utterance left"):
+        prepare_corpus("aishell", _cfg(tmp_path, out2, skip_bad=True))
+
+
+def test_crlf_bom_and_blank_lines_are_read_like_plain_files(corpus, tmp_path):
+    """Windows line ends, a BOM and blank lines (lhotse's readers fail on the last two) change nothing."""
+    plain = _cfg(tmp_path / "plain", corpus)
+    out = _copy(corpus, tmp_path)
+    listings = [*(out / "KeSpeech/Tasks/ASR").rglob("*"), out / "aishell/data_aishell/transcript/aishell_transcript_v0.8.txt"]
+    for path in (p for p in listings if p.is_file()):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        path.write_bytes("\ufeff\r\n".encode() + "\r\n\r\n".join(lines).encode() + b"\r\n\r\n")
+    messy = _cfg(tmp_path / "messy", out)
+    for corpus_name in ("kespeech", "aishell"):
+        assert prepare_corpus(corpus_name, plain).dropped == prepare_corpus(corpus_name, messy).dropped == {}
+        for split in ("train", "dev", "test"):
+            def labels(cfg):
+                return [(c.id, c.supervisions[0].text, c.supervisions[0].language, c.supervisions[0].speaker)
+                        for c in load_cuts(cfg.cuts_path(corpus_name, split))]
+            assert labels(plain) == labels(messy)
+
+
+def test_line_without_transcript_is_a_counted_drop(corpus, tmp_path):
+    out = _copy(corpus, tmp_path)
+    part_dir, lines = _break_kespeech(out)
+    _set_line(part_dir / "text", 1, lines[1].split()[0] + "   ")
+    transcript = out / "aishell/data_aishell/transcript/aishell_transcript_v0.8.txt"
+    first = transcript.read_text(encoding="utf-8").splitlines()[0].split()[0]
+    _set_line(transcript, 0, first)
+    report = prepare_corpus("kespeech", _cfg(tmp_path, out))  # a filter like punctuation-only text: no skip_bad needed
+    assert report.dropped == {("test", "empty_text"): 1}
+    assert report.examples["empty_text"] == [f"{part_dir / 'text'}:2: no transcript for {lines[1].split()[0]!r}"]
+    report = prepare_corpus("aishell", _cfg(tmp_path, out))
+    assert sum(n for (_, r), n in report.dropped.items() if r == "empty_text") == 1
+    assert first not in {c.id for s in ("train", "dev", "test") for c in load_cuts(_cfg(tmp_path, out).cuts_path("aishell", s))}
 
 
 # ---------------------------------------------------------------------------- features and loader

@@ -174,6 +174,47 @@ def test_corrupt_last_checkpoint_is_never_loaded(tmp_path, content):
     assert not batches_asked
 
 
+@pytest.mark.parametrize("payload", ["reduce", "function"])
+def test_checkpoint_carrying_code_is_refused(tmp_path, payload):
+    """Whoever can write exp_dir must not run code as whoever resumes: pickled callables are refused."""
+    marker = tmp_path / "code-ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    train(tmp_path)
+    last = tmp_path / "checkpoints" / LAST
+    ckpt = load_checkpoint(last)
+    ckpt["state"]["stop_reason"] = RunsCode() if payload == "reduce" else os.getcwd
+    atomic_torch_save(ckpt, last)
+    batches_asked = []
+    trainer = Trainer(toy(dropout=0.3), run_cfg(), tmp_path, lambda e: batches_asked.append(e) or [])
+    with pytest.raises(RuntimeError, match=rf"refusing checkpoint {last}: it holds posix\.(system|getcwd), not only "
+                                           r"tensors and plain values"):
+        trainer.fit()
+    assert not marker.exists() and not batches_asked
+
+
+@pytest.mark.parametrize("written_by", ["now", "before plain rng state"])
+def test_rng_state_loads_as_data_and_restores_exactly(tmp_path, written_by):
+    import random
+
+    import numpy as np
+
+    from hdmole.train.checkpoint import CHECKPOINT_FORMAT, rng_state, set_rng_state
+
+    np.random.seed(3)
+    np.random.randn()  # leaves a cached Gaussian in numpy's state
+    rng = rng_state() if written_by == "now" else {**rng_state(), "numpy": np.random.get_state()}  # ndarray key
+    atomic_torch_save({"format": CHECKPOINT_FORMAT, "rng": rng}, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(3).tolist(), np.random.randn(), torch.rand(2).tolist())
+    set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
+    assert (random.random(), np.random.rand(3).tolist(), np.random.randn(), torch.rand(2).tolist()) == expected
+    if written_by == "now":  # nothing beyond what weights_only allows by default
+        assert torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "rng.pt") == []
+
+
 def test_stale_temporary_next_to_valid_checkpoint_is_ignored_and_removed(tmp_path):
     train(tmp_path)
     ckpt_dir = tmp_path / "checkpoints"

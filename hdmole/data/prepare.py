@@ -1,10 +1,12 @@
 """Corpus preparation: layout and audio checks -> lhotse recipes -> normalised, filtered cut sets.
 
     check layout (names the missing file, prints the expected tree)
-    -> check Kaldi files are line-aligned (KeSpeech) / transcript parses (AISHELL)
-    -> check every wav (missing, unreadable, empty: error, or counted skip with skip_bad;
-       wrong sample rate: resampled to 16 kHz and counted)
-    -> lhotse.recipes.prepare_kespeech / prepare_aishell (not re-implemented)
+    -> check listings: UTF-8, Kaldi files line-aligned (KeSpeech), unique ids
+    -> check every utterance (KeSpeech: wav path inside the corpus, known accent label,
+       transcript present) and every wav (missing, unreadable, empty, multi-channel, NaN/inf:
+       error naming file and line, or counted skip with skip_bad; wrong sample rate:
+       resampled to 16 kHz and counted); a part left empty is an error
+    -> lhotse.recipes.prepare_kespeech / prepare_aishell (not re-implemented) on a clean view
     -> normalise text (hdmole.data.text), filter, keep supervision.language (the accent)
     -> data/cuts/<corpus>_<split>.jsonl.gz + <corpus>_stats.{json,md}; an empty split is an error.
 
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from hdmole.data.accents import LABEL_ALIASES
+from hdmole.data.accents import LABEL_ALIASES, accent_id
 from hdmole.data.config import DataConfig
 from hdmole.data.text import normalize_text, unsupported_chars
 from hdmole.fileio import atomic_output
@@ -38,6 +40,7 @@ SPLITS = {
     "kespeech": {"train": ("train_phase1", "train_phase2"), "dev": ("dev_phase1", "dev_phase2"), "test": ("test",)},
     "aishell": {"train": ("train",), "dev": ("dev",), "test": ("test",)},
 }
+PART_SPLIT = {corpus: {p: s for s, parts in splits.items() for p in parts} for corpus, splits in SPLITS.items()}
 KESPEECH_TREE = """expected KeSpeech layout:
   <kespeech_dir>/
     Audio/...                                  (wav files, 16 kHz)
@@ -62,6 +65,7 @@ class AudioItem:
     utt_id: str
     path: Path
     where: str  # "file:line" that references the audio (for error messages)
+    split: str  # our split, for the drop counts
 
 
 @dataclass
@@ -79,6 +83,10 @@ class PrepReport:
         if len(self.examples[reason]) < 5:  # the first few per reason are logged and kept as examples
             self.examples[reason].append(what)
             log.warning("%s/%s: dropped (%s): %s", self.corpus, split, reason, what)
+
+    def dropped_in(self, split: str) -> str:
+        """Drop counts of one split ("reason count, ..."), for error messages."""
+        return ", ".join(f"{r} {n}" for (s, r), n in sorted(self.dropped.items()) if s == split) or "nothing"
 
     def keep(self, split: str, accent: str, duration: float) -> None:
         self.kept[split][accent].append(duration)
@@ -130,20 +138,33 @@ def check_aishell_layout(corpus_dir: Path) -> None:
         _require(corpus_dir / "data_aishell/wav" / split, AISHELL_TREE, "directory")
 
 
+def _listing_lines(path: Path) -> list[str]:
+    """Lines of a listing file, split as lhotse's readers split them (LF, CRLF or CR), without
+    a UTF-8 BOM. Not UTF-8 (a GBK copy, say) is an error naming the line: lhotse would stop
+    with a UnicodeDecodeError naming no file."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise CorpusError(f"{path}:{line}: not UTF-8 (byte 0x{data[e.start]:02x}); listing files must be UTF-8 "
+                          f"(convert a GBK file with: iconv -f GBK -t UTF-8)") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
 def _kaldi_lines(path: Path) -> list[tuple[int, str, str]]:
-    """(line number, utterance id, value) of a Kaldi-style file; malformed lines are errors."""
+    """(line number, utterance id, value) of a Kaldi-style file; blank lines are skipped."""
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, line in enumerate(_listing_lines(path), start=1):
         parts = line.strip().split(maxsplit=1)
-        rows.append((number, parts[0], parts[1] if len(parts) > 1 else ""))
+        if parts:
+            rows.append((number, parts[0], parts[1] if len(parts) > 1 else ""))
     return rows
 
 
-def check_kaldi_alignment(part_dir: Path) -> list[tuple[int, str, str]]:
+def check_kaldi_alignment(part_dir: Path) -> dict[str, list[tuple[int, str, str]]]:
     """The four KeSpeech files must list the same ids in the same order (lhotse reads them in
-    lockstep); returns wav.scp's rows. Raises naming the first differing file and line."""
+    lockstep); returns their rows by file name. Raises naming the first differing file and line."""
     tables = {name: _kaldi_lines(part_dir / name) for name in KESPEECH_KALDI_FILES}
     reference = tables["wav.scp"]
     for name, rows in tables.items():
@@ -158,47 +179,95 @@ def check_kaldi_alignment(part_dir: Path) -> list[tuple[int, str, str]]:
             extra = (rows if len(rows) > len(reference) else reference)[min(len(rows), len(reference))]
             raise CorpusError(f"{part_dir / longer}:{extra[0]}: {longer} has more lines than {shorter} "
                               f"({len(tables[longer])} vs {len(tables[shorter])}); first extra id {extra[1]!r}")
-    return reference
+    return tables
+
+
+def _outside(relative: str) -> bool:
+    """A wav.scp path leaving the corpus directory (absolute, or up through ".."); judged on the
+    text, not on resolved links, so an Audio/ linked to another disk stays inside."""
+    return os.path.isabs(relative) or Path(os.path.normpath(relative)).parts[:1] == ("..",)
+
+
+def _unknown_accent(label: str) -> str | None:
+    """Why `label` is not a known accent (the message of accents.accent_id), else None."""
+    try:
+        accent_id(label)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+class Screen:
+    """Per-utterance problems found before lhotse. Bad input is an error naming the file and
+    line, or with skip_bad a counted drop; filters (an empty transcript) are always counted
+    drops. Rejected ids (`bad`) are left out of the view lhotse reads."""
+
+    def __init__(self, report: PrepReport, skip_bad: bool):
+        self.report, self.skip_bad, self.bad = report, skip_bad, set()
+
+    def reject(self, split: str, utt: str, reason: str, message: str, always: bool = False) -> None:
+        if not (self.skip_bad or always):
+            raise CorpusError(f"{message}; fix it or set data.skip_bad=true to skip and count it")
+        self.bad.add(utt)
+        self.report.drop(split, reason, message)
+
+    def unique(self, occurrences: Iterable[tuple[str, str, str]]) -> None:
+        """(id, where, split) per listed utterance. Every copy of a repeated id is rejected: which
+        one is right is unknown, lhotse asserts on repeats within a part, and across parts the id
+        would be in two splits while results are keyed by it."""
+        places = defaultdict(list)
+        for utt, where, split in occurrences:
+            places[utt].append((where, split))
+        for utt, copies in places.items():
+            if len(copies) > 1:
+                shown = ", ".join(where for where, _ in copies[:3]) + (", ..." if len(copies) > 3 else "")
+                for _, split in copies:
+                    self.reject(split, utt, "duplicate_id", f"utterance id {utt!r} listed {len(copies)} times: {shown}")
 
 
 def audio_problem(path: Path) -> tuple[str | None, int]:
     """(None, sample rate) if the wav is usable, else (reason, 0): "missing_audio",
-    "corrupt_audio" (unreadable) or "empty_audio" (no samples)."""
+    "corrupt_audio" (unreadable), "empty_audio" (no samples), "multichannel_audio" (lhotse's
+    KeSpeech recipe and the features read one channel), "nonfinite_audio" (NaN/inf samples,
+    possible only in float wavs: one makes every loss it touches NaN)."""
+    import numpy as np
     import soundfile as sf
 
     if not path.is_file():
         return "missing_audio", 0
-    try:
+    try:  # soundfile raises several types for unreadable files
         info = sf.info(str(path))
-    except Exception:  # soundfile raises several types for unreadable files
+        if info.frames == 0:
+            return "empty_audio", 0
+        if info.channels != 1:
+            return "multichannel_audio", 0
+        if info.subtype in ("FLOAT", "DOUBLE") and not all(
+                np.isfinite(block).all() for block in sf.blocks(str(path), blocksize=1 << 20, dtype="float32")):
+            return "nonfinite_audio", 0
+    except Exception:
         return "corrupt_audio", 0
-    return ("empty_audio", 0) if info.frames == 0 else (None, int(info.samplerate))
+    return None, int(info.samplerate)
 
 
-def check_audio(items: Iterable[AudioItem], skip_bad: bool, report: PrepReport, split_of: Callable[[str], str],
-                num_jobs: int) -> tuple[set[str], set[str]]:
-    """Returns (bad utterance ids, ids needing resampling); raises on the first bad file unless skip_bad."""
+def check_audio(items: Iterable[AudioItem], screen: Screen, num_jobs: int) -> set[str]:
+    """Opens every wav not rejected yet and rejects the bad ones; returns the ids needing resampling."""
     from concurrent.futures import ThreadPoolExecutor
 
-    items = list(items)
+    items = [item for item in items if item.utt_id not in screen.bad]
     with ThreadPoolExecutor(max(1, num_jobs)) as pool:
         problems = list(pool.map(lambda it: audio_problem(it.path), items))
-    bad, resample = set(), set()
+    resample = set()
     for item, (problem, sample_rate) in zip(items, problems):
-        if problem is None:
-            if sample_rate != SAMPLE_RATE:
-                resample.add(item.utt_id)
-            continue
-        message = f"{problem.replace('_', ' ')}: {item.path} (referenced at {item.where})"
-        if not skip_bad:
-            raise CorpusError(message + "; fix the file or set data.skip_bad=true to skip and count it")
-        bad.add(item.utt_id)
-        report.drop(split_of(item.utt_id), problem, message)
-    return bad, resample
+        if problem is not None:
+            screen.reject(item.split, item.utt_id, problem,
+                          f"{problem.replace('_', ' ')}: {item.path} (referenced at {item.where})")
+        elif sample_rate != SAMPLE_RATE:
+            resample.add(item.utt_id)
+    return resample
 
 
 # ----------------------------------------------------------------------------------------
-# Per-corpus preparation: checks + a clean view for lhotse where items must be skipped.
+# Per-corpus preparation: checks + the clean view lhotse reads.
 
 
 @dataclass
@@ -209,6 +278,7 @@ class Checked:
     items: list[AudioItem]
     bad: set[str]
     resample: set[str]
+    parts: dict[str, list[str]]  # corpus part -> listed utterance ids (bad ones included)
     extra: dict = field(default_factory=dict)  # corpus-specific details for the clean view
 
     def fingerprint(self, files: Iterable[Path]) -> str:
@@ -221,48 +291,84 @@ class Checked:
             digest.update(f"{item.utt_id}|{item.path}|{st and (st.st_size, st.st_mtime_ns)}".encode())
         return digest.hexdigest()
 
+    def empty_part(self) -> str | None:
+        """The first part with no utterance left: lhotse would stop on it with a bare assertion
+        ("No recordings left after fixing the manifests")."""
+        return next((part for part, utts in self.parts.items() if all(u in self.bad for u in utts)), None)
+
 
 def check_kespeech(cfg: DataConfig, report: PrepReport) -> Checked:
-    """Layout, line alignment of the Kaldi files, every wav."""
+    """Layout, line alignment of the Kaldi files, unique ids, wav paths inside the corpus,
+    known accent labels, a transcript per line, every wav."""
     root = cfg.kespeech_root
     check_kespeech_layout(root)
-    rows_by_part = {part: check_kaldi_alignment(root / "Tasks/ASR" / part) for part in KESPEECH_PARTS}
-    split_of_part = {p: s for s, parts in SPLITS["kespeech"].items() for p in parts}
-    utt_split = {utt: split_of_part[part] for part, rows in rows_by_part.items() for _, utt, _ in rows}
-    items = [AudioItem(utt, root / rel, f"{root / 'Tasks/ASR' / part / 'wav.scp'}:{n}")
-             for part, rows in rows_by_part.items() for n, utt, rel in rows]
-    bad, resample = check_audio(items, cfg.skip_bad, report, utt_split.__getitem__, cfg.num_jobs)
-    return Checked(root, items, bad, resample)
+    tables = {part: check_kaldi_alignment(root / "Tasks/ASR" / part) for part in KESPEECH_PARTS}
+    split_of = PART_SPLIT["kespeech"]
+
+    def where(part: str, name: str, number: int) -> str:
+        return f"{root / 'Tasks/ASR' / part / name}:{number}"
+
+    screen = Screen(report, cfg.skip_bad)
+    screen.unique((utt, where(part, "wav.scp", n), split_of[part])
+                  for part, t in tables.items() for n, utt, _ in t["wav.scp"])
+    items = []
+    for part, t in tables.items():
+        split = split_of[part]
+        for (n, utt, rel), (text_n, _, text), (label_n, _, label) in zip(t["wav.scp"], t["text"], t["utt2subdialect"]):
+            if utt in screen.bad:
+                continue
+            if _outside(rel):
+                screen.reject(split, utt, "path_outside_corpus", f"{where(part, 'wav.scp', n)}: wav path {rel!r} "
+                              f"of {utt!r} leaves {root} (wav.scp paths are relative to the corpus root)")
+            elif problem := _unknown_accent(label):
+                screen.reject(split, utt, "unknown_accent",
+                              f"{where(part, 'utt2subdialect', label_n)}: {utt!r}: {problem}")
+            elif not text:  # lhotse's recipe fails on a line without transcript
+                screen.reject(split, utt, "empty_text", f"{where(part, 'text', text_n)}: no transcript for {utt!r}",
+                              always=True)
+            else:
+                items.append(AudioItem(utt, root / rel, where(part, "wav.scp", n), split))
+    resample = check_audio(items, screen, cfg.num_jobs)
+    parts = {part: [utt for _, utt, _ in t["wav.scp"]] for part, t in tables.items()}
+    return Checked(root, items, screen.bad, resample, parts, {"tables": tables})
 
 
 def check_aishell(cfg: DataConfig, report: PrepReport) -> Checked:
-    """Layout, transcript lines against wav files (both directions), every wav."""
+    """Layout, unique ids (transcript lines, wav names), transcript lines against wav files
+    (both directions), every wav."""
     root = cfg.aishell_root
     check_aishell_layout(root)
     transcript = root / "data_aishell/transcript/aishell_transcript_v0.8.txt"
     rows = _kaldi_lines(transcript)
-    listed = {utt for _, utt, _ in rows}
     wav_root = root / "data_aishell/wav"
-    wavs = {p.stem: p for split in ("train", "dev", "test") for p in sorted((wav_root / split).rglob("*.wav"))}
-    split_of = {utt: p.relative_to(wav_root).parts[0] for utt, p in wavs.items()}
+    found = [(p.stem, p, split) for split in ("train", "dev", "test")
+             for p in sorted((wav_root / split).rglob("*.wav"))]
+    wavs = {utt: path for utt, path, _ in found}
+    split_of = {utt: split for utt, _, split in found}
+    screen = Screen(report, cfg.skip_bad)
+    # lhotse keys transcripts by id (the last copy wins) and recordings by file name (asserts on repeats).
+    screen.unique((utt, f"{transcript}:{n}", split_of.get(utt, "unknown")) for n, utt, _ in rows)
+    screen.unique((utt, str(path), split) for utt, path, split in found)
+    listed = {utt for _, utt, _ in rows}
     # lhotse silently skips wavs without transcript and transcript lines without wav: count both.
-    for utt in sorted(set(wavs) - listed):
-        report.drop(split_of[utt], "no_transcript", f"{wavs[utt]} has no line in {transcript}")
-    items = [AudioItem(utt, wavs.get(utt, wav_root / "<split>/<SPK>" / f"{utt}.wav"), f"{transcript}:{n}")
-             for n, utt, _ in rows]
-    bad, resample = check_audio(items, cfg.skip_bad, report, lambda u: split_of.get(u, "unknown"), cfg.num_jobs)
-    return Checked(root, items, bad, resample, {"transcript": transcript, "rows": rows, "wavs": wavs})
+    for utt in sorted(set(wavs) - listed - screen.bad):
+        screen.reject(split_of[utt], utt, "no_transcript", f"{wavs[utt]} has no line in {transcript}", always=True)
+    items = [AudioItem(utt, wavs.get(utt, wav_root / "<split>/<SPK>" / f"{utt}.wav"), f"{transcript}:{n}",
+                       split_of.get(utt, "unknown")) for n, utt, _ in rows]
+    resample = check_audio(items, screen, cfg.num_jobs)
+    parts = {split: [utt for utt, _, s in found if s == split and utt in listed] for split in ("train", "dev", "test")}
+    return Checked(root, items, screen.bad, resample, parts, {"transcript": transcript, "rows": rows, "wavs": wavs})
 
 
 def _kespeech_clean_view(cfg: DataConfig, checked: Checked) -> Path:
-    """Copy of the Kaldi files without the bad utterances (absolute wav paths)."""
+    """Copy of the Kaldi files without the bad utterances (absolute wav paths; UTF-8, LF, no
+    blank lines)."""
     view = Path(cfg.manifest_dir).resolve() / "kespeech_clean"
     shutil.rmtree(view, ignore_errors=True)
-    for part in KESPEECH_PARTS:
+    for part, tables in checked.extra["tables"].items():
         out_dir = view / "Tasks/ASR" / part
         out_dir.mkdir(parents=True)
-        for name in KESPEECH_KALDI_FILES:
-            rows = _kaldi_lines(checked.root / "Tasks/ASR" / part / name)
+        for name, rows in tables.items():
             (out_dir / name).write_text("".join(
                 f"{utt} {(checked.root / value).absolute() if name == 'wav.scp' else value}\n"
                 for _, utt, value in rows if utt not in checked.bad), encoding="utf-8")
@@ -329,13 +435,31 @@ def _fresh_manifests(manifest_dir: Path, prefix: str, fingerprint: str) -> None:
     marker.write_text(fingerprint + "\n")
 
 
+def _no_utterance_left(report: PrepReport, what: str, split: str, cfg: DataConfig | None = None) -> None:
+    """Raise for a part or split left empty; with cfg the stats report is written first and named."""
+    message = f"{report.corpus} {what}: no utterance left (dropped in {split}: {report.dropped_in(split)})"
+    if cfg is not None:
+        _write_stats(report, cfg)
+        message += f"; see the drop counts in {Path(cfg.cuts_dir) / f'{report.corpus}_stats.md'}"
+    raise CorpusError(message)
+
+
+def _check(corpus: str, cfg: DataConfig, report: PrepReport, write_stats: bool) -> Checked:
+    """All checks of one corpus, then every part must keep an utterance."""
+    checked = CORPORA[corpus].check(cfg, report)
+    report.resampled = len(checked.resample)
+    part = checked.empty_part()
+    if part is not None:
+        _no_utterance_left(report, f"part {part!r}", PART_SPLIT[corpus][part], cfg if write_stats else None)
+    return checked
+
+
 def check_corpus(corpus: str, cfg: DataConfig) -> PrepReport:
-    """Only the checks (layout, alignment, audio), without writing anything: the standalone
+    """Only the checks (layout, listings, audio), without writing anything: the standalone
     pre-check of a real corpus (local/check_corpus.py, `--check-only`); run.sh checks the
     layout in stage 0 and everything in stage 1."""
     report = PrepReport(corpus)
-    checked = CORPORA[corpus].check(cfg, report)
-    report.resampled = len(checked.resample)
+    _check(corpus, cfg, report, write_stats=False)
     return report
 
 
@@ -413,10 +537,11 @@ def prepare_corpus(corpus: str, cfg: DataConfig) -> PrepReport:
         raise ValueError(f"unknown corpus {corpus!r}; known: {', '.join(CORPORA)}")
     report = PrepReport(corpus)
     recipe = CORPORA[corpus]
-    checked = recipe.check(cfg, report)
+    checked = _check(corpus, cfg, report, write_stats=True)
     resample = checked.resample
-    report.resampled = len(resample)
-    corpus_dir = recipe.clean_view(cfg, checked) if checked.bad else checked.root
+    # lhotse always reads the clean view: it trips over what the checks tolerate (a BOM, blank
+    # lines) as well as over what they reject.
+    corpus_dir = recipe.clean_view(cfg, checked)
     _fresh_manifests(Path(cfg.manifest_dir), recipe.manifest_prefix,
                      checked.fingerprint(recipe.listing_files(checked.root)))
     manifests = recipe.run_lhotse(corpus_dir, cfg)
@@ -431,8 +556,7 @@ def prepare_corpus(corpus: str, cfg: DataConfig) -> PrepReport:
             pieces.append(CutSet.from_manifests(recordings=recordings, supervisions=manifests[part]["supervisions"]))
         cuts = filter_cuts(CutSet.from_cuts(c for piece in pieces for c in piece), cfg, split, report)
         if len(cuts) == 0:
-            raise CorpusError(f"{corpus} {split}: no utterance left (parts {', '.join(parts)}); "
-                              f"see the drop counts in {Path(cfg.cuts_dir) / f'{corpus}_stats.md'}")
+            _no_utterance_left(report, split, split, cfg)
         for cut in cuts:
             report.keep(split, LABEL_ALIASES.get(cut.supervisions[0].language, cut.supervisions[0].language),
                         cut.duration)

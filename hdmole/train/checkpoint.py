@@ -7,7 +7,9 @@ or the new checkpoint, never a half-written one under the real name.
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,10 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], sourc
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Plain values and tensors only (numpy's key array as a list): load_checkpoint reads with
+    weights_only, which refuses numpy arrays."""
+    name, key, *rest = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, key.tolist(), *rest), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -49,7 +54,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -75,11 +81,26 @@ def remove_stale_temporaries(directory: Path) -> list[Path]:
     return stale
 
 
+# Checkpoints written before rng_state() stored plain values hold numpy's uint32 key array:
+# these rebuild exactly that (any other numpy dtype or object is still refused).
+_LEGACY_RNG_GLOBALS = [np.ndarray, np.dtype, np.dtypes.UInt32DType, np._core.multiarray._reconstruct]
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint as data. weights_only: a checkpoint holds tensors and plain values only;
+    a full unpickle would run code planted by whoever can write the experiment directory, as
+    whoever resumes or decodes."""
     try:
         # mmap: every rank reads the file (FSDP slices its shard out of the full tensors); the
         # page cache holds one copy instead of one per rank (~90 GB each at 7B full fine-tuning).
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        with torch.serialization.safe_globals(_LEGACY_RNG_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:  # weights_only refused a pickled object (a callable, a class)
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        # Not chained: torch's message advises weights_only=False, the one thing not to do here.
+        raise RuntimeError(f"refusing checkpoint {path}: it holds {found.group(1) if found else 'a pickled object'}"
+                           f", not only tensors and plain values; hdmole never writes that, and loading it could "
+                           f"run code. Not loaded") from None
     except Exception as e:  # a truncated file from a broken disk, not from us (we rename)
         raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:

@@ -14,7 +14,8 @@ export PYTHONIOENCODING=UTF-8
 export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
-# One thread per process by default for data workers; training sets its own count.
+# OpenMP/MKL threads: every core unless the caller set OMP_NUM_THREADS (torch's data-loader
+# workers run one thread each anyway); train.num_threads > 0 sets a run's torch threads.
 nproc_="$(nproc 2>/dev/null || echo 2)"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${nproc_}}"
 export MKL_NUM_THREADS="${MKL_NUM_THREADS:-${OMP_NUM_THREADS}}"

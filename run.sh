@@ -26,6 +26,7 @@ base_args=""       # Hydra overrides for the base model training (stage 2)
 train_args=""      # Hydra overrides for the adaptation (stage 3), e.g. "train.lr=5e-4 adapter.rank=4"
 decode_args=""     # Hydra overrides for decoding (stage 4), e.g. "decode.num_beams=4"
 skip_setup=false   # true: do not run tools/setup_env.sh
+print_overrides=false  # true: print stage 3's Hydra overrides (one per line) and exit (recipes/)
 
 help_message="Usage: $0 [options]
   --stage N / --stop-stage N   stages to run (0 data, 1 cuts+tokenizer+tiny checkpoints,
@@ -50,6 +51,8 @@ help_message="Usage: $0 [options]
   --train-args \"k=v ...\"       Hydra overrides for stage 3
   --decode-args \"k=v ...\"      Hydra overrides for stage 4
   --skip-setup true|false      skip tools/setup_env.sh
+  --print-overrides true       print the adaptation's Hydra overrides (data, base model,
+                               experiment=adapt, train.init_from), one per line, and exit
 Options accept --name value, --name=value, dashes or underscores."
 
 . utils/parse_options.sh
@@ -111,7 +114,9 @@ common_overrides=(model="${model}" data="${data_preset}" "data.corpus_dir=${data
     "data.manifest_dir=${data_root}/manifests" "data.cuts_dir=${data_root}/cuts" "data.num_jobs=${nj}"
     "data.feature_cache_dir=${data_root}/feats")
 if [ "${corpus}" = synthetic ]; then
-    common_overrides+=(data.synthetic=true "data.synthetic_size=${size}" "data.synthetic_seed=${seed}")
+    # The frozen encoder's outputs once per cut set (KeSpeech's would need ~0.7 TB: off there).
+    common_overrides+=(data.synthetic=true "data.synthetic_size=${size}" "data.synthetic_seed=${seed}"
+        "data.encoder_cache_dir=${data_root}/encoder_out")
 else
     common_overrides+=(data.synthetic=false "data.kespeech_dir=${KESPEECH}" "data.aishell_dir=${AISHELL}")
 fi
@@ -119,6 +124,18 @@ if [ "${model}" = tiny ]; then
     common_overrides+=("model.encoder_dir=${data_root}/tiny/whisper" "model.llm_dir=${data_root}/tiny/qwen")
 elif [ "${model}" = paper ]; then  # local checkpoint directories named in db.sh
     common_overrides+=("model.encoder_dir=${WHISPER_LARGE_V3}" "model.llm_dir=${QWEN2_7B}")
+fi
+
+# Stage 3's overrides, for sweeps over the same data and base (recipes/paper_comparison.sh).
+adapt_overrides() {
+    [ -f "${base_dir}/model/done" ] || die "no finished base model in ${base_dir}: run stage 2"
+    mapfile -t base_model_args < <(python -m hdmole.bin.pretrained base-overrides "${base_dir}")
+    adapt_args=("${common_overrides[@]}" "${base_model_args[@]}" experiment=adapt "train.init_from=${base_dir}")
+}
+if [ "${print_overrides}" = true ]; then
+    adapt_overrides
+    printf '%s\n' "${adapt_args[@]}"
+    exit 0
 fi
 
 # run_stage MARKER KEY CMD...: run CMD unless MARKER holds KEY; write MARKER only on success.
@@ -202,7 +219,7 @@ if want 2; then
             "${pretrained}"/*.safetensors "${pretrained}"/*/*.safetensors | sha256sum | cut -c1-16) ${corpus_key}" \
             install_base "${pretrained}" "${base_dir}" "${common_overrides[@]}" --corpus "${corpus_key}"
     elif [ "${model}" = tiny ]; then
-        # (a) encoder + CTC head; (b) encoder frozen, projector + LLM (staged: environment.md).
+        # (a) encoder + CTC head; (b) encoder frozen, projector + LLM (staged: docs/base_model.md).
         # shellcheck disable=SC2086
         run_stage "${exp_root}/.done/stage2_encoder" "${key}" "${train_cmd[@]}" "${common_overrides[@]}" \
             experiment=base_encoder "exp_dir=${exp_root}/base_model_encoder" ${base_args}
@@ -221,13 +238,10 @@ fi
 if want 3; then
     t0=${SECONDS}
     log "stage 3: adaptation adapter=${adapter} (${adapt_dir})"
-    [ -f "${base_dir}/model/done" ] || die "no finished base model in ${base_dir}: run stage 2"
-    # The base's own encoder/LLM directories and projector shape (a shipped base has its own).
-    mapfile -t base_model_args < <(python -m hdmole.bin.pretrained base-overrides "${base_dir}")
+    adapt_overrides  # data, the base's own encoder/LLM directories and projector shape
     # shellcheck disable=SC2086
     run_stage "${exp_root}/.done/stage3_${adapter}" "$(cat "${base_dir}/model/done") ${adapt_hash} ${train_args}" \
-        "${train_cmd[@]}" "${common_overrides[@]}" "${base_model_args[@]}" experiment=adapt "adapter=${adapter}" \
-        "exp_dir=${adapt_dir}" "train.init_from=${base_dir}" ${train_args}
+        "${train_cmd[@]}" "${adapt_args[@]}" "adapter=${adapter}" "exp_dir=${adapt_dir}" ${train_args}
     stage_time 3 "${t0}"
 fi
 

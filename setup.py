@@ -9,6 +9,14 @@ REQUIREMENTS = [
     for line in (HERE / "requirements.txt").read_text().splitlines()
     if line.strip() and not line.startswith("#")
 ]
+# The test suite's tools (pip install -e .[test]; tools/setup_env.sh installs them). jiwer:
+# an independent CER implementation the tests check hdmole.score against.
+TEST_REQUIREMENTS = [
+    "pytest==9.2.0",
+    "pytest-timeout==2.4.0",
+    "hypothesis==6.170.17",
+    "jiwer==4.0.0",
+]
 
 setup(
     name="hdmole",
@@ -21,6 +29,7 @@ setup(
     packages=find_packages(include=["hdmole", "hdmole.*"]),
     package_data={"hdmole": ["py.typed"]},
     install_requires=REQUIREMENTS,
+    extras_require={"test": TEST_REQUIREMENTS},
     entry_points={
         "console_scripts": [
             "hdmole-prepare=hdmole.bin.prepare:main",

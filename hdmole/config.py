@@ -56,14 +56,18 @@ def compose_config(overrides: Sequence[str] = (), config_dir: Path | None = None
         raise FileNotFoundError(f"no {config_name}.yaml in {config_dir}")
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=list(overrides))
-    # Hydra lets `+key=value` append even to a structured node; re-merging onto the schema
-    # rejects any key the dataclasses do not declare.
+    check_schema(cfg)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def check_schema(cfg: DictConfig) -> None:
+    """Hydra lets `+key=value` append even to a structured node; re-merging onto the schema
+    rejects any key the dataclasses do not declare."""
     try:
         OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.to_container(cfg))
     except Exception as e:
         raise ValueError(f"config does not match the schema: {e}") from e
-    OmegaConf.set_struct(cfg, True)
-    return cfg
 
 
 def to_object(cfg: DictConfig) -> ExperimentConfig:

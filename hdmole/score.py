@@ -149,6 +149,44 @@ def is_source_set(name: str) -> bool:
     return name.startswith(SOURCE_PREFIXES)
 
 
+# ---- significance: paired bootstrap over utterances -----------------------------------------------
+def utterance_errors(set_dir: Path, normalise: Callable[[str], str] = normalize_text
+                     ) -> dict[str, tuple[int, int, str]]:
+    """Per utterance of a decoded set: (edits, reference characters, accent)."""
+    refs = read_keyed(set_dir / "ref")
+    hyps = read_keyed(set_dir / "hyp") if (set_dir / "hyp").exists() else {}
+    accents = read_keyed(set_dir / "utt2accent", allow_empty_value=False) if (set_dir / "utt2accent").exists() else {}
+    out = {}
+    for utt, ref_raw in refs.items():
+        c = char_errors(normalise(ref_raw), normalise(hyps.get(utt, "")))
+        out[utt] = (c.sub + c.dels + c.ins, c.ref_chars, accents.get(utt, "unknown"))
+    return out
+
+
+def paired_bootstrap(edits_a, edits_b, ref_chars, groups, resamples: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> tuple[float, float, float]:
+    """CER(a) - CER(b) in points with a paired bootstrap confidence interval, resampling
+    utterances within each group (accent) and averaging the groups' corpus-level CERs
+    unweighted (the "mean accent CER"; one group = plain corpus CER). edits_*: per-utterance
+    edit counts of the two systems on the same utterances (e.g. means over seeds); ref_chars:
+    reference lengths; groups: group label per utterance. Returns (difference, low, high)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    a, b = np.asarray(edits_a, float), np.asarray(edits_b, float)
+    n, labels = np.asarray(ref_chars, float), np.asarray(groups)
+    diff, samples = 0.0, np.zeros(resamples)
+    names = sorted(set(labels.tolist()))
+    for name in names:
+        idx = np.flatnonzero(labels == name)
+        diff += 100.0 * (a[idx].sum() - b[idx].sum()) / n[idx].sum()
+        draw = idx[rng.integers(0, len(idx), size=(resamples, len(idx)))]
+        samples += 100.0 * (a[draw].sum(1) - b[draw].sum(1)) / n[draw].sum(1)
+    tail = (1.0 - level) / 2
+    low, high = np.quantile(samples / len(names), [tail, 1.0 - tail])
+    return diff / len(names), float(low), float(high)
+
+
 # ---- one experiment ------------------------------------------------------------------------------
 @dataclass
 class ExperimentScore:
@@ -322,10 +360,18 @@ def target_routing(exp_dir: Path) -> dict | None:
 
 
 def tau_over_training(exp_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Per layer: (step, tau) from the routing records of the training log."""
-    from hdmole.train.logger import read_log
+    """Per layer: (step, tau) from the training log: every logged step (metric/tau/<layer>,
+    the mean over the logging window), else the routing records of the validations."""
+    from hdmole.runlog import read_log
 
     series: dict[str, list[tuple[int, float]]] = {}
+    prefix = "metric/tau/"
+    for rec in read_log(exp_dir, "train"):
+        for key, value in rec.items():
+            if key.startswith(prefix):
+                series.setdefault(key[len(prefix):], []).append((rec["step"], value))
+    if series:
+        return series
     for rec in read_log(exp_dir, "routing"):
         for layer, s in layer_summaries(rec).items():
             if s.get("tau_current") is not None:

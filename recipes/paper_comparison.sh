@@ -1,49 +1,69 @@
 #!/usr/bin/env bash
-# The paper's comparison in one command: data and ONE base model (run.sh stages 0-2), then
-# every adapter preset adapted from that base, decoded and scored (stages 3-5), then one
-# markdown table: per-accent CER, mean target CER, source CER, trainable parameters (and % of
-# full fine-tuning of the projector), mean active experts.
-#   recipes/paper_comparison.sh                               # synthetic default corpus, tiny model, CPU
-#   recipes/paper_comparison.sh --size ci --presets "base lora hdmole"
-#   recipes/paper_comparison.sh --corpus kespeech --model paper --ngpu 1
-# Finished presets are skipped on a rerun (run.sh's done markers).
+# The paper's comparison, fair and seeded, in one command (RESULTS.md):
+#   1. data and ONE base model (run.sh stages 0-2);
+#   2. the lr grid: every trained preset at every lr of the grid, seed 0, trained only; each
+#      checkpoint is chosen by CER on the whole accent dev set (conf/train/adapt.yaml);
+#   3. per preset the lr with the lowest dev CER (recipes/paper_results.py choose; test sets
+#      are never read for a choice), then that lr with every seed, trained, decoded, scored;
+#   4. the report: seed means +/- sd, paired bootstrap CIs, the paper's claims, plots.
+# Steps 2-3 are Hydra multiruns (python -m hdmole.bin.sweep): a cluster runs the same sweeps
+# through a Hydra launcher (--launcher submitit_slurm, docs/recipe.md). Every run is a fixed
+# budget of steps with its own seed: rerunning gives the same numbers on the same kind of
+# machine; finished runs are skipped, so an interrupted suite resumes.
+#   recipes/paper_comparison.sh                                  # synthetic default corpus, CPU, ~2 h
+#   recipes/paper_comparison.sh --size ci --presets "lora hdmole" --lrs 1e-3 --seeds 0 --train-args "train.max_steps=4"
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-presets="base full lora mole_dense mole_topk mole_topp adamole oracle_accent hdmole hdmole_no_hier hdmole_topk"
+presets="full lora lora_active mole_dense mole_topk mole_topp adamole oracle_accent hdmole hdmole_no_hier hdmole_topk"
+lrs="1e-3,3e-3,1e-2"  # the lr grid, the same for every preset
+seeds="0,1,2"
 corpus=synthetic
 size=default
 model=tiny
 exp_tag=""
 nj=2
-ngpu=0
-base_args=""
-# 5 minutes per preset on CPU (run.sh alone: 3): the setting of RESULTS.md; replace with --train-args
-train_args="train.max_minutes=5"
-decode_args=""
+launcher=joblib    # Hydra launcher: basic (one job at a time), joblib, submitit_slurm, ...
+jobs=2             # parallel jobs for the joblib launcher
+threads=1          # torch threads per job (jobs x threads <= cores)
+base_args=""       # Hydra overrides for the base model (run.sh stage 2)
+train_args=""      # more Hydra overrides for every run, e.g. "train.max_steps=300"
+out=RESULTS.md     # the report ("" = none)
 skip_setup=false
 
-help_message="Usage: $0 [--presets \"a b ...\"] [--corpus synthetic|kespeech] [--size ci|default|large]
-  [--model tiny|paper] [--exp-tag TAG] [--nj N] [--ngpu N] [--base-args ...] [--train-args ...]
-  [--decode-args ...] [--skip-setup true|false]
-Presets default: ${presets}"
+help_message="Usage: $0 [--presets \"a b ...\"] [--lrs a,b,c] [--seeds 0,1,2] [--corpus synthetic|kespeech]
+  [--size ci|default|large] [--model tiny|paper] [--exp-tag TAG] [--nj N] [--launcher NAME] [--jobs N]
+  [--threads N] [--base-args \"k=v ...\"] [--train-args \"k=v ...\"] [--out FILE] [--skip-setup true|false]
+Presets default: ${presets} (base is always decoded); lrs ${lrs}; seeds ${seeds}"
 
 . utils/parse_options.sh
 
-common=(--corpus "${corpus}" --size "${size}" --model "${model}" --nj "${nj}" --ngpu "${ngpu}")
+common=(--corpus "${corpus}" --size "${size}" --model "${model}" --nj "${nj}")
 [ -n "${exp_tag}" ] && common+=(--exp-tag "${exp_tag}")
+[ -n "${exp_tag}" ] || exp_tag="$([ "${corpus}" = synthetic ] && echo "synthetic_${size}" || echo kespeech)_${model}"
+root="exp/${exp_tag}"
+start=${SECONDS}
 
 ./run.sh "${common[@]}" --skip-setup "${skip_setup}" --stage 0 --stop-stage 2 --base-args "${base_args}"
+. ./path.sh
+mapfile -t base < <(./run.sh "${common[@]}" --skip-setup true --print-overrides true)
+launch=("hydra/launcher=${launcher}")
+[ "${launcher}" = joblib ] && launch+=("hydra.launcher.n_jobs=${jobs}")
+# shellcheck disable=SC2206
+sweep=(-m "${base[@]}" "hydra.sweep.dir=${root}/sweep" "train.num_threads=${threads}" data.num_workers=0
+       "${launch[@]}" ${train_args})
+
+echo "== lr grid (${lrs}), seed 0: ${presets}"
+python -m hdmole.bin.sweep train "${sweep[@]}" "adapter=$(echo ${presets} | tr ' ' ,)" "train.lr=${lrs}" train.seed=0
+
+echo "== chosen lr per preset (accent dev CER), every seed (${seeds}), decoded and scored"
+python -m hdmole.bin.sweep run "${sweep[@]}" adapter=base train.lr=0 train.seed=0
 for preset in ${presets}; do
-    ./run.sh "${common[@]}" --skip-setup true --stage 3 --stop-stage 5 --adapter "${preset}" \
-        --train-args "${train_args}" --decode-args "${decode_args}"
+    lr="$(python recipes/paper_results.py choose "${root}/sweep" "${preset}")"
+    python -m hdmole.bin.sweep run "${sweep[@]}" "adapter=${preset}" "train.lr=${lr}" "train.seed=${seeds}"
 done
 
-if [ -z "${exp_tag}" ]; then
-    if [ "${corpus}" = synthetic ]; then exp_tag="synthetic_${size}_${model}"; else exp_tag="kespeech_${model}"; fi
+echo "suite_seconds=$(( SECONDS - start ))" >> "${root}/sweep/wall_time.txt"
+if [ -n "${out}" ]; then
+    python recipes/paper_results.py report "${root}/sweep" --presets "base ${presets}" --out "${out}"
 fi
-. ./path.sh
-dirs=()
-for preset in ${presets}; do dirs+=("exp/${exp_tag}/${preset}"); done
-python -m hdmole.bin.score --compare "${dirs[@]}" --out "exp/${exp_tag}/comparison.md"
-echo "table: exp/${exp_tag}/comparison.md"

@@ -160,10 +160,29 @@ def test_lora_matches_reference_and_has_matched_parameters():
     want = x @ layer.base.weight.double().T + layer.base.bias.double() + layer.scaling * (
         x @ layer.lora_A.double().T) @ layer.lora_B.double().T
     assert torch.allclose(layer(x), want, atol=1e-10)
-    default = AdapterConfig()
-    assert layer.rank == A * default.rank and layer.scaling == default.alpha / default.rank
+    default = AdapterConfig()  # peft's convention: alpha / the LoRA's own rank
+    assert layer.rank == A * default.rank and layer.scaling == default.alpha / (A * default.rank)
     experts = mole.trainable_report().by_group["experts"]
     assert lora.trainable_report().by_group["experts"] == experts
+
+
+def test_uniform_dense_mixture_is_the_total_rank_lora():
+    """The fairness premise of the scaling: gates summing to 1 at uniform routing make a dense
+    mixture of E rank-r experts (scale alpha/r) the rank-E*r LoRA at scale alpha/(E*r)."""
+    mole_module, _ = make("dense", global_router="none", combine="local")
+    lora_module, _ = make(method="lora")
+    mole_module.double()
+    lora_module.double()
+    x = batch()[0].double()
+    for name in ("linear1", "linear2"):
+        mixture, lora = getattr(mole_module, name), getattr(lora_module, name)
+        with torch.no_grad():
+            mixture.router.zero_()  # uniform p = 1/E
+            for attr in ("lora_A", "lora_B"):
+                getattr(lora, attr).copy_(getattr(mixture, attr))
+            lora.base.load_state_dict(mixture.base.state_dict())
+        inputs = x if name == "linear1" else torch.relu(mole_module.linear1(x))
+        assert torch.allclose(mixture(inputs), lora(inputs), atol=1e-12), name
 
 
 @pytest.mark.parametrize("selection,global_router,combine", ROUTINGS)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hdmole.batch import Batch
-from hdmole.bin.train import build_model
+from hdmole.experiment import build_model
 from hdmole.config import compose_config, save_resolved, to_object
 from hdmole.model.tiny import SAMPLE_SENTENCES, TinySizes, write_tiny_checkpoints
 from hdmole.train import pretrained as pt

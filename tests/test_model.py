@@ -483,7 +483,7 @@ def test_cuda_graph_decoding_equals_generic_decoding_on_gpu(tiny_dirs):
     assert torch.isfinite(out.loss) and half.projector.linear1.weight.grad is not None
 
 
-# ---- encoder pre-training helpers (tiny base model, issue 6) -------------------------------
+# ---- encoder pre-training helpers (tiny base model, docs/base_model.md) -------------------
 def test_pinyin_ctc_units_roundtrip_and_head(tiny_dirs):
     from hdmole.model.ctc_units import PinyinUnits
 
@@ -604,3 +604,40 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_dirs):
                         m.llm.model.layers[0].mlp.up_proj.weight.grad.clone()))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_encoder_output_cache_equals_encoding_and_round_trips(tiny_dirs, tmp_path):
+    from hdmole.model.encoder_cache import EncoderOutputCache, encoder_fingerprint
+
+    torch.manual_seed(0)
+    m = LLMASR.from_config(make_config(tiny_dirs), device="cpu")
+    batches = [make_batch([40, 33, 27], seed=1), make_batch([38, 20], seed=2)]
+    for i, b in enumerate(batches):
+        b.ids = [f"b{i}_{u}" for u in b.ids]
+    cut_set = tmp_path / "kespeech_train.jsonl.gz"
+    cut_set.write_bytes(b"stand-in cut set")
+    key = encoder_fingerprint(m.encoder, "settings")
+    filled = EncoderOutputCache(tmp_path / "cache", key)
+    filled.fill(cut_set, batches, m.encode)
+    loaded = EncoderOutputCache(tmp_path / "cache", key)
+    loaded.fill(cut_set, [], lambda b: pytest.fail("a stored cut set must not be encoded again"))
+    m.eval()
+    for cache in (filled, loaded):
+        m.encoder_cache = None
+        # a different batch composition than the fill: outputs are per utterance
+        mixed = make_batch([40, 38], seed=3)
+        mixed.ids, mixed.features, mixed.feature_lens = ["b0_utt0", "b1_utt0"], None, None
+        want = [m.encode(single(batches[0], 0)), m.encode(single(batches[1], 0))]
+        m.use_encoder_cache(cache)
+        enc, lens = m.encode(mixed)  # no features needed: every id is cached
+        assert lens.tolist() == [int(w[1]) for w in want]
+        for i, (w, n) in enumerate(want):
+            assert torch.allclose(enc[i, : int(n)], w[0, : int(n)], atol=1e-5)
+            assert not enc[i, int(n):].any()  # padding is zero
+    fresh = make_batch([30], seed=4)  # an id the cache lacks: encoded as usual
+    with torch.no_grad():
+        assert torch.equal(m.encode(fresh)[0], m.encoder(fresh.features, fresh.feature_lens)[0])
+    assert m.encoder_cache.misses == 1
+    assert encoder_fingerprint(m.encoder, "other settings") != key
+    with pytest.raises(ValueError, match="freeze_encoder=true and no SpecAugment"):
+        LLMASR.from_config(make_config(tiny_dirs, specaug_time_masks=2), device="cpu").use_encoder_cache(loaded)

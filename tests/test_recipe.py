@@ -2,6 +2,7 @@
 then a rerun (a no-op), then single stages with changed settings."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -80,8 +81,8 @@ def test_rerun_is_noop_and_single_stages(recipe):
 def test_decode_checkpoint_best_or_last(recipe, monkeypatch):
     from safetensors.torch import load_file
 
-    from hdmole.bin.decode import load_decoding_weights
-    from hdmole.bin.train import build_model
+    from hdmole.experiment import load_decoding_weights
+    from hdmole.experiment import build_model
     from hdmole.config import load_resolved, to_object
     from hdmole.train.checkpoint import load_checkpoint
 
@@ -98,3 +99,37 @@ def test_decode_checkpoint_best_or_last(recipe, monkeypatch):
             assert torch.equal(params[name].detach(), want[name].to(params[name].dtype)), (which, name)
     with pytest.raises(Exception, match="decode.checkpoint='newest'"):
         to_object(load_resolved(run_dir, ["decode.checkpoint=newest"]))
+
+
+@pytest.mark.slow
+def test_paper_comparison_sweep_chooses_on_dev_and_reports(recipe, tmp_path):
+    """The suite's plumbing on the ci corpus: an lr grid (Hydra multirun), the dev choice, the
+    chosen lr with two seeds decoded and scored, the report with CIs and claims; a rerun
+    decodes nothing again."""
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# kept prose\n", encoding="utf-8")
+    args = [str(ROOT / "recipes" / "paper_comparison.sh"), *FAST[:FAST.index("--train-args")],
+            "--presets", "lora hdmole", "--lrs", "1e-3,2e-2", "--seeds", "0,1", "--launcher", "basic",
+            "--train-args", "train.max_steps=2 train.valid_every=2", "--out", str(out)]
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    sweep = EXP / "sweep"
+    for preset in ("lora", "hdmole"):
+        dev = {lr: json.loads((sweep / preset / f"lr{lr}_seed0" / "model_info.json").read_text())["best_metric"]
+               for lr in ("0.001", "0.02")}
+        chosen = min(dev, key=lambda lr: (dev[lr], float(lr)))
+        for seed in (0, 1):
+            assert (sweep / preset / f"lr{chosen}_seed{seed}" / "decode" / "kespeech_test" / "hyp").exists()
+        other = next(lr for lr in dev if lr != chosen)
+        assert not (sweep / preset / f"lr{other}_seed0" / "decode").exists()  # grid points: dev only
+    text = out.read_text(encoding="utf-8")
+    assert text.startswith("# kept prose\n")
+    for needle in ("| hdmole |", "| lora |", "| base |", "paired bootstrap", "hdmole beats lora", "tau is learned"):
+        assert needle in text, needle
+    assert (tmp_path / "docs" / "results" / "comparison_cer.png").exists()
+    marker = sweep / "hdmole" / f"lr{chosen}_seed1" / "decode" / ".model_done"
+    before = marker.stat().st_mtime_ns
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert marker.stat().st_mtime_ns == before and "training already finished" in r.stderr
+    assert out.read_text(encoding="utf-8").count("paper_results.py report: begin") == 1

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 
+import jiwer
 import pytest
+
+from hdmole.data.text import normalize_text
 
 from hdmole.score import (char_errors, comparison_markdown, corpus_cer, hallucination_reasons, read_keyed,
                           score_experiment, write_reports)
@@ -46,6 +50,45 @@ def test_char_errors_counts():
     assert (c.sub, c.dels, c.ins, c.ref_chars) == (1, 0, 1, 4)
     assert char_errors("abc", "").dels == 3 and char_errors("", "ab").ins == 2
     assert corpus_cer(["ab", "cdef"], ["ab", "cdxf"]) == pytest.approx(100 / 6)
+
+
+def random_pairs(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """References and hypotheses (substitutions, deletions, insertions, empty and unrelated
+    hypotheses, a few empty references) over characters the normaliser keeps as they are."""
+    rng = random.Random(seed)
+    alphabet = "今天气很好我们去公园玩北京欢迎你世界上学习向ABCXYZ0123"
+    refs, hyps = [], []
+    for i in range(n):
+        ref = "".join(rng.choices(alphabet, k=0 if i % 97 == 0 else rng.randint(1, 25)))
+        hyp = list(ref)
+        for _ in range(rng.randint(0, 6)):
+            op, pos = rng.choice("sdi"), rng.randint(0, len(hyp))
+            if op == "i":
+                hyp.insert(pos, rng.choice(alphabet))
+            elif hyp and pos < len(hyp):
+                if op == "s":
+                    hyp[pos] = rng.choice(alphabet)
+                else:
+                    del hyp[pos]
+        if i % 23 == 0:
+            hyp = [] if i % 2 else rng.choices(alphabet, k=rng.randint(1, 30))
+        refs.append(ref)
+        hyps.append("".join(hyp))
+    return refs, hyps
+
+
+def test_corpus_cer_agrees_with_jiwer():
+    """An independent implementation: jiwer's cer is corpus-level too (total edits over total
+    reference characters). Both get normalised text (normalize_text leaves these unchanged),
+    so only the edit distance is compared."""
+    refs, hyps = random_pairs(400)
+    assert all(normalize_text(t) == t for t in refs + hyps)
+    assert sum(map(len, refs)) > 0 and len(set(refs)) > 300
+    for ref, hyp in zip(refs, hyps):  # per utterance: the same minimal number of edits
+        out = jiwer.process_characters(ref, hyp)
+        assert char_errors(ref, hyp).errors == out.substitutions + out.deletions + out.insertions, (ref, hyp)
+    assert corpus_cer(refs, hyps) == pytest.approx(100 * jiwer.cer(refs, hyps), rel=1e-12)
+    assert 5 < corpus_cer(refs, hyps) < 60  # a mix of error rates, not all-correct or all-wrong
 
 
 def test_experiment_scores_known_by_construction(tmp_path: Path):

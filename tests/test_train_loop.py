@@ -260,3 +260,21 @@ def test_valid_at_start_also_without_periodic_validation(tmp_path: Path):
                  make_batches(), validate=validate).fit()
     rows = [r["step"] for r in read_log(tmp_path) if r["kind"] == "valid"]
     assert rows == [0, 4] and st.best_step == 4  # at the start and at the end, nothing between
+
+
+def test_lr_scales_make_parameter_groups(tmp_path: Path):
+    model = fresh_model()
+    scales = {"head.3.weight": 10.0, "head.3.bias": 10.0}
+    trainer = Trainer(model, cfg(max_steps=3, weight_decay=0.1), tmp_path, make_batches(), lr_scales=scales)
+    groups = trainer.optimizer.param_groups
+    assert groups[0]["initial_lr"] == pytest.approx(0.05)  # the logged lr: multiplier 1 first
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert by_param[id(named["head.3.weight"])]["initial_lr"] == pytest.approx(0.5)
+    assert by_param[id(named["head.3.weight"])]["weight_decay"] == 0.1
+    assert by_param[id(named["head.3.bias"])]["weight_decay"] == 0.0
+    assert by_param[id(named["head.0.weight"])]["initial_lr"] == pytest.approx(0.05)
+    trainer.fit()  # the schedule scales every group's own peak lr
+    assert by_param[id(named["head.3.weight"])]["lr"] == pytest.approx(10 * groups[0]["lr"])
+    with pytest.raises(ValueError, match="names no trainable parameter.*frozen.weight"):
+        Trainer(fresh_model(), cfg(), tmp_path / "x", make_batches(), lr_scales={"frozen.weight": 2.0})

@@ -40,8 +40,9 @@ class AdapterConfig:
     num_experts: Optional[int] = None
     # Rank of each expert. `lora` uses rank num_experts*rank (matched trainable parameters).
     rank: int = 4
-    # LoRA scaling is alpha/rank for every method (also for `lora`, so each rank-1 component
-    # has the same scale whether it sits in one LoRA or in an expert).
+    # Output scale alpha / (the LoRA's own rank), peft's convention: an expert's is alpha/rank,
+    # `lora`'s alpha/(num_experts*rank). A mixture's gates sum to 1, so at uniform routing a
+    # dense mixture equals one LoRA of the total rank at the same scale.
     alpha: float = 16.0
     # Dropout on the rank activations A x (not on x: the router reads x in the same matrix
     # product as the experts' A, see docs/method.md).
@@ -81,11 +82,26 @@ class AdapterConfig:
     # Std of the normal init of local-router (and token-threshold) weights.
     router_init_std: float = 0.02
 
+    # --- optimisation ----------------------------------------------------------------------
+    # Learning-rate multipliers (train.lr times this). Adam moves every parameter by about lr
+    # per step, whatever its gradient's size: a per-layer threshold logit or beta would move
+    # about 0.2 over a short run (tau barely changes), while a router reading un-normalised
+    # inputs shifts every token's logits by about ||x||_1 * lr per step.
+    # threshold_lr_scale: the per-layer scalars (threshold logits theta, beta).
+    # router_lr_scale: the linears on a layer's input (local routers, AdaMoLE's per-token
+    # threshold projection); not the global accent router (LayerNorm on its pooled input,
+    # trained by the accent cross-entropy).
+    # Defaults chosen on the accent dev set (docs/method.md section 4b, RESULTS.md).
+    threshold_lr_scale: float = 30.0
+    router_lr_scale: float = 0.1
+
     # --- auxiliary losses (already weighted in AdapterHandle.auxiliary_losses) ------------
     # Accent cross-entropy of the learned global router (ignored for other global routers).
     lambda_accent: float = 0.1
-    # Mask-aware Switch load balancing over local routing, mean over layer calls.
-    lambda_balance: float = 0.0
+    # Mask-aware Switch load balancing over local routing, mean over layer calls (0.01:
+    # MixLoRA's coefficient; on the accent dev set it keeps hdmole's first layer from sending
+    # every token to one expert, docs/method.md section 4b).
+    lambda_balance: float = 0.01
     # Router z-loss (mean squared log-sum-exp of local logits), mean over layer calls.
     lambda_z: float = 0.0
 
@@ -129,6 +145,9 @@ class AdapterConfig:
             raise ValueError(f"adapter.top_p={self.top_p} must be in (0, 1]")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"adapter.gamma={self.gamma} must be in [0, 1]")
+        for key in ("threshold_lr_scale", "router_lr_scale"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"adapter.{key}={getattr(self, key)} must be > 0")
         for key in ("lambda_accent", "lambda_balance", "lambda_z", "router_init_std"):
             if getattr(self, key) < 0:
                 raise ValueError(f"adapter.{key}={getattr(self, key)} must be >= 0")

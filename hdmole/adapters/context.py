@@ -50,6 +50,7 @@ class RoutingState:
         self.labels: Tensor | None = None
         self.token_mask: Tensor | None = None
         self.accent_ce: Tensor | None = None
+        self.accent_accuracy: Tensor | None = None  # of the learned global router, on this block
         self.balance_terms: list[Tensor] = []
         self.z_terms: list[Tensor] = []
         self.watched: list[tuple[str, Tensor]] = []

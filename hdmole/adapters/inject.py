@@ -141,6 +141,10 @@ class AdapterHandle(nn.Module):
             if isinstance(self.global_router, GlobalAccentRouter):
                 if self.cfg.lambda_accent > 0:
                     state.accent_ce = accent_cross_entropy(log_g, labels)
+                if labels is not None:  # monitoring only: no host sync here
+                    known = (labels >= 0).float()
+                    hits = (log_g.detach().argmax(-1) == labels).float() * known
+                    state.accent_accuracy = hits.sum() / known.sum().clamp_min(1.0)
                 if state.statistics_enabled:
                     self.global_statistics.record(log_g, labels)
         state.labels = labels
@@ -165,6 +169,22 @@ class AdapterHandle(nn.Module):
             out["load_balance"] = cfg.lambda_balance * torch.stack(state.balance_terms).mean()
         if state.z_terms:
             out["router_z"] = cfg.lambda_z * torch.stack(state.z_terms).mean()
+        return out
+
+    def batch_metrics(self) -> dict[str, Tensor]:
+        """Monitoring values (not losses): the learned global router's accent accuracy on the
+        last routing block's utterances with a known label, and each learned per-layer
+        threshold tau (tensors: no host sync here)."""
+        state = self.state
+        if state is None:
+            return {}
+        out = {} if state.accent_accuracy is None else {"accent_accuracy": state.accent_accuracy}
+        for name, layer in self._layers.items():
+            selection = layer.selection
+            if selection is not None and selection.thresholded and selection.extra_rows == 0:
+                logit, scale = selection.threshold_logit()
+                if logit is not None:
+                    out[f"tau/{name}"] = (scale * torch.sigmoid(logit.detach().float()))
         return out
 
     def effective_loss_weights(self) -> dict[str, float]:
@@ -226,6 +246,21 @@ class AdapterHandle(nn.Module):
         if self.global_router is not None:
             for pname, p in self.global_router.named_parameters():
                 out[f"{HANDLE_PREFIX}global_router.{pname}"] = p
+        return out
+
+    def lr_scales(self) -> dict[int, float]:
+        """Learning-rate multiplier by id() of every adapter parameter whose multiplier is not
+        1 (adapter.threshold_lr_scale for the per-layer scalars, router_lr_scale for the
+        routers; AdapterConfig)."""
+        scale = {"threshold": self.cfg.threshold_lr_scale, "combination": self.cfg.threshold_lr_scale,
+                 "local_router": self.cfg.router_lr_scale}
+        out: dict[int, float] = {}
+        for name, p in self.trainable_parameters().items():
+            group = "full" if self._full_targets else _group(name)
+            if group == "threshold" and p.dim() > 0:  # AdaMoLE's per-token threshold projection
+                group = "local_router"
+            if scale.get(group, 1.0) != 1.0:
+                out[id(p)] = scale[group]
         return out
 
     def trainable_report(self, root: nn.Module | None = None) -> TrainableReport:

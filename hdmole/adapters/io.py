@@ -8,6 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from hdmole.tensors import copy_named_tensors
+
 from .config import AdapterConfig
 from .inject import AdapterHandle
 
@@ -61,12 +63,7 @@ def load_adapter(handle: AdapterHandle, directory: str | Path) -> None:
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
         raise ValueError(f"{weights_path}: missing tensors {missing}, unexpected {unexpected}")
-    with torch.no_grad():
-        for name, p in params.items():
-            if tensors[name].shape != p.shape:
-                raise ValueError(f"{weights_path}: {name} has shape {tuple(tensors[name].shape)}, "
-                                 f"expected {tuple(p.shape)}")
-            p.copy_(tensors[name])
+    copy_named_tensors(params, tensors, str(weights_path))
 
 
 def merge(handle: AdapterHandle, accent_id: int | None = None,

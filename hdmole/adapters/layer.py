@@ -91,7 +91,7 @@ class MoLoRALinear(nn.Module):
         routed = cfg.method == "mole"
         self.num_experts = resolved.num_experts if routed else 1
         self.rank = cfg.rank if routed else cfg.rank * resolved.num_experts
-        self.scaling = cfg.alpha / cfg.rank
+        self.scaling = cfg.alpha / self.rank  # peft: alpha / this LoRA's (or expert's) rank
         self.check_finite = cfg.check_finite
         self.compile_mode = cfg.compile
         d_in, d_out = base.in_features, base.out_features

@@ -20,7 +20,7 @@ class DataConfig:
     # lhotse manifests (recordings/supervisions) and the filtered cut sets + stats report.
     manifest_dir: str = "data/manifests"
     cuts_dir: str = "data/cuts"
-    # Synthetic corpus (local/prepare_synthetic.py) used when no real corpus is given.
+    # Synthetic corpus (hdmole.data.synthetic, `hdmole.bin.prepare corpus`) used when no real corpus is given.
     synthetic: bool = True
     synthetic_size: str = "default"
     synthetic_seed: int = 0
@@ -36,8 +36,10 @@ class DataConfig:
     # The Whisper encoder sees at most 30 s: longer utterances are dropped from every split.
     encoder_max_duration: float = 30.0
     max_chars: int = 100
-    # Missing/corrupt/empty audio: False = stop with an error naming the file; True = skip
-    # the utterance and count it in the stats report.
+    # A bad utterance (missing/corrupt/empty/multi-channel/NaN audio, unknown accent label,
+    # repeated id, wav path outside the corpus): False = stop with an error naming the file and
+    # line; True = skip it and count it in the stats report. Non-UTF-8 listings and empty
+    # parts are errors either way.
     skip_bad: bool = False
     # Speed perturbation of the training cuts (lhotse; ids get a "_sp<factor>" suffix).
     speed_perturb: bool = False
@@ -52,6 +54,10 @@ class DataConfig:
     num_workers: int = 2
     # Log-mel features are computed once per cut and kept here (None = on the fly).
     feature_cache_dir: Optional[str] = None
+    # Outputs of a frozen encoder (without SpecAugment) are computed once per cut set and
+    # encoder and kept here (hdmole.model.encoder_cache); None = encode every batch. About
+    # 50 kB per second of audio for the tiny encoder: leave None for KeSpeech-sized corpora.
+    encoder_cache_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not self.synthetic and not (self.kespeech_dir and self.aishell_dir):

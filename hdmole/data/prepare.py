@@ -10,8 +10,8 @@
     -> normalise text (hdmole.data.text), filter, keep supervision.language (the accent)
     -> data/cuts/<corpus>_<split>.jsonl.gz + <corpus>_stats.{json,md}; an empty split is an error.
 
-CLI (run.sh stage 1):  python -m hdmole.data.prepare --corpus all [--config conf/data/x.yaml]
-                                          [--set key=value ...] [--check-only]
+CLI (standalone; run.sh stage 1 runs `python -m hdmole.bin.prepare cuts` with the experiment config):
+    python -m hdmole.data.prepare --corpus all [--config conf/data/x.yaml] [--set key=value ...] [--check-only]
 """
 from __future__ import annotations
 
@@ -456,7 +456,7 @@ def _check(corpus: str, cfg: DataConfig, report: PrepReport, write_stats: bool) 
 
 def check_corpus(corpus: str, cfg: DataConfig) -> PrepReport:
     """Only the checks (layout, listings, audio), without writing anything: the standalone
-    pre-check of a real corpus (local/check_corpus.py, `--check-only`); run.sh checks the
+    pre-check of a real corpus (`python -m hdmole.data.prepare --check-only`); run.sh checks the
     layout in stage 0 and everything in stage 1."""
     report = PrepReport(corpus)
     _check(corpus, cfg, report, write_stats=False)

@@ -1,7 +1,8 @@
 """Text of the synthetic corpus: a controlled character inventory and sentences written only with it.
 
 Why: a tiny model trained from scratch cannot learn ~1,800 characters seen ~14 times each
-(environment.md, learnability); it can learn a few hundred characters seen hundreds of times.
+(docs/base_model.md, the preliminary measurements); it can learn a few hundred characters
+seen hundreds of times.
 So the inventory is the most frequent characters of the HSK sentences, at most
 `max_homophones` characters per toned syllable (fewer acoustically identical characters), and
 sentences are (a) HSK sentences written entirely in the inventory and (b) pseudo-sentences

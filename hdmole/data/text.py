@@ -1,7 +1,8 @@
 """The one text normaliser, shared by data preparation and scoring.
 
-References and hypotheses must be normalised identically (recipe-anchors.md, section 7), so
-`hdmole.score` imports `normalize_text` from here instead of writing its own.
+References and hypotheses must be normalised identically (the usual Mandarin CER convention:
+otherwise the CER counts punctuation, width and spacing), so `hdmole.score` imports
+`normalize_text` from here instead of writing its own.
 """
 from __future__ import annotations
 

@@ -22,9 +22,11 @@ from hdmole.model.config import ModelConfig
 from hdmole.model.ctc_units import make_ctc_units
 from hdmole.model.decoding import StoppingRules, beam_search, greedy_search, make_stepper
 from hdmole.model.encoder import SpeechEncoder, load_whisper_encoder
+from hdmole.model.encoder_cache import EncoderOutputCache
 from hdmole.model.llm import IGNORE_INDEX, PromptBuilder, load_llm, load_tokenizer, training_attention_mask
 from hdmole.model.projector import FrameConcatProjector
 from hdmole.model.specaug import spec_augment
+from hdmole.tensors import copy_named_tensors
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class ASROutput:
     asr_loss: torch.Tensor | None = None
     ctc_loss: torch.Tensor | None = None
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # logged, not optimised
     num_answer_tokens: int = 0
 
 
@@ -84,6 +87,8 @@ class LLMASR(nn.Module):
         self.ctc_head = nn.Linear(encoder.dim, self.ctc_units.size) if cfg.ctc_weight > 0 else None
         self.adapter: nn.Module | None = None
         self.adapter_cfg: Any = None
+        # Frozen-encoder outputs by utterance id (use_encoder_cache); None = always encode.
+        self.encoder_cache: EncoderOutputCache | None = None
         self.num_accents = 0
         self.to(llm.device)
         self.apply_freezing()
@@ -145,8 +150,20 @@ class LLMASR(nn.Module):
         return torch.autocast(self.device.type, dtype=self.compute_dtype,
                               enabled=self.compute_dtype != torch.float32)
 
+    def use_encoder_cache(self, cache: EncoderOutputCache) -> None:
+        """Take encoder outputs from `cache` where it has every utterance of a batch. Only
+        exact when the encoder cannot change them: frozen and without SpecAugment."""
+        if not self.cfg.freeze_encoder or self.cfg.specaug_freq_masks or self.cfg.specaug_time_masks:
+            raise ValueError("an encoder-output cache needs model.freeze_encoder=true and no SpecAugment "
+                             "(model.specaug_*_masks=0); set data.encoder_cache_dir=null")
+        self.encoder_cache = cache
+
     # ---- forward pieces -----------------------------------------------------------------
     def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.encoder_cache is not None:
+            cached = self.encoder_cache.lookup(batch.ids, self.device)
+            if cached is not None:
+                return cached
         features = batch.features.to(self.device)
         lens = batch.feature_lens.to(self.device)
         if self.training:
@@ -209,6 +226,7 @@ class LLMASR(nn.Module):
             out.aux_losses = dict(self.adapter.auxiliary_losses())
             for value in out.aux_losses.values():
                 out.loss = out.loss + value
+            out.metrics = dict(self.adapter.batch_metrics())
         return out
 
     def _ctc_loss(self, enc: torch.Tensor, enc_lens: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
@@ -326,12 +344,7 @@ class LLMASR(nn.Module):
             for key in ("encoder_dir", "llm_dir"):
                 if meta.get(key) != getattr(self.cfg, key):
                     log.warning("%s was trained with %s=%s, this model uses %s", path, key, meta.get(key), getattr(self.cfg, key))
-        with torch.no_grad():
-            for name, value in saved.items():
-                target = targets[name]
-                if target.shape != value.shape:
-                    raise ValueError(f"{path}: {name} has shape {tuple(value.shape)}, model has {tuple(target.shape)}")
-                target.copy_(value)
+        copy_named_tensors(targets, saved, str(path))
         if missing:
             log.info("%s: %d tensors not in the checkpoint keep their current values: %s", path, len(missing), missing[:5])
         return missing

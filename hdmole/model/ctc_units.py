@@ -3,7 +3,7 @@
 - `tokens`: the LLM tokenizer's vocabulary, blank = the pad token. With the project's char-level
   tiny tokenizer this is character CTC.
 - `pinyin`: Mandarin initials, finals and tones (66 units, blank = 0), from the text via
-  pypinyin. Far easier to learn from little audio than ~2,000 characters (environment.md: 31%
+  pypinyin. Far easier to learn from little audio than ~2,000 characters (docs/base_model.md, preliminary measurements: 31%
   phone error vs 62% character error in the same 10 CPU minutes), so it suits encoder
   pre-training of the tiny base model. Characters without a reading (punctuation, Latin) are
   skipped.

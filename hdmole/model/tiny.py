@@ -35,7 +35,7 @@ _TEMPLATE_TEXT = "systemuserassistant\n"
 
 @dataclass
 class TinySizes:
-    """Defaults measured in environment.md: encoder 3.5 M, LLM ~5 M parameters."""
+    """Default sizes: encoder ~3.5 M, LLM ~4-5 M parameters (with the vocabulary); docs/model.md."""
 
     encoder_dim: int = 256
     encoder_layers: int = 4

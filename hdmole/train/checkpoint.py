@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from hdmole.fileio import atomic_output
+from hdmole.tensors import copy_named_tensors
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -26,7 +27,8 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `state` into the model's trainable parameters; names must match exactly."""
+    """Copy `state` into the model's trainable parameters; names must match exactly (else
+    RuntimeError), and shapes too (else ValueError)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))
@@ -34,12 +36,7 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], sourc
         raise RuntimeError(f"{source}: trainable parameters do not match the model "
                            f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})")
-    with torch.no_grad():
-        for name, p in params.items():
-            if p.shape != state[name].shape:
-                raise RuntimeError(f"{source}: {name} has shape {tuple(state[name].shape)}, "
-                                   f"model expects {tuple(p.shape)}")
-            p.copy_(state[name])
+    copy_named_tensors(params, state, source)
 
 
 def rng_state() -> dict[str, Any]:

@@ -4,7 +4,8 @@ An export holds every tensor that differs from the pre-trained checkpoints named
 config: the run's own trainable weights plus those it was initialised from (train.init_from),
 so a run is self-contained (the staged base: encoder from 2a + projector/LLM from 2b).
 Tensor names are those of the run's model, with its adapter attached: load a run's export
-into a model built from the same config (`build_model_for_run`).
+into a model built from the same config (`hdmole.experiment.build_model`, as
+`hdmole.experiment.load_decoding_weights` does).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hdmole.fileio import atomic_output
+from hdmole.tensors import copy_named_tensors
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,9 @@ def load_export(model: nn.Module, run_dir: Path | str, allow_unknown_prefixes: t
     written (identity survives adapter injection, which renames e.g. `linear1.weight` to
     `linear1.base.weight`).
 
-    Names the model lacks fail, except under `allow_unknown_prefixes` (an encoder-stage CTC
-    head that later stages do not build); those are counted and logged."""
+    Names the model lacks fail (RuntimeError), except under `allow_unknown_prefixes` (an
+    encoder-stage CTC head that later stages do not build); those are counted and logged. A
+    shape that differs fails with ValueError."""
     out = export_dir(run_dir)
     if not (out / DONE).exists():
         raise FileNotFoundError(f"{out}: no finished export (missing {DONE}); did the run end?")
@@ -62,14 +65,7 @@ def load_export(model: nn.Module, run_dir: Path | str, allow_unknown_prefixes: t
     if unknown:
         raise RuntimeError(f"{out / WEIGHTS}: {len(unknown)} tensors not in this model, e.g. {unknown[:5]} "
                            "(was it saved with another adapter or model config?)")
-    with torch.no_grad():
-        for name, value in saved.items():
-            if name in skipped:
-                continue
-            if targets[name].shape != value.shape:
-                raise RuntimeError(f"{out / WEIGHTS}: {name} has shape {tuple(value.shape)}, "
-                                   f"the model has {tuple(targets[name].shape)}")
-            targets[name].copy_(value)
+    copy_named_tensors(targets, {n: v for n, v in saved.items() if n not in skipped}, str(out / WEIGHTS))
     if skipped:
         log.info("%s: skipped %d tensors this model does not build (%s...)", out, len(skipped), skipped[0])
     return {id(targets[n]) for n in saved if n not in skipped}

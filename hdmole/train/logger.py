@@ -7,7 +7,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-LOG_NAME = "train_log.jsonl"
+from hdmole.runlog import LOG_NAME, read_log  # the log's format; read_log re-exported here
+
+__all__ = ["LOG_NAME", "TrainLogger", "flatten_scalars", "read_log"]
 
 
 def flatten_scalars(obj: Any, prefix: str = "") -> dict[str, float]:
@@ -60,19 +62,3 @@ class TrainLogger:
         if self._tb is not None:
             self._tb.close()
 
-
-def read_log(exp_dir: Path, kind: str | None = None) -> list[dict[str, Any]]:
-    path = exp_dir / LOG_NAME
-    if not path.exists():
-        return []
-    records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not JSON ({e})") from e
-        if kind is None or rec.get("kind") == kind:
-            records.append(rec)
-    return records

@@ -68,6 +68,8 @@ class _Losses(nn.Module):
                 losses[name] = value
         for name, value in (getattr(out, "aux_losses", None) or {}).items():
             losses[f"aux/{name}"] = value
+        for name, value in (getattr(out, "metrics", None) or {}).items():  # logged only
+            losses[f"metric/{name}"] = value.detach()
         return losses
 
 
@@ -109,7 +111,9 @@ def model_autocast_dtype(model: nn.Module, precision: str, device: torch.device)
 class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, exp_dir: Path | str, train_batches: TrainBatches,
                  validate: Validate | None = None, routing_stats: Callable[[], dict] | None = None,
-                 dist_info: DistInfo | None = None):
+                 dist_info: DistInfo | None = None, lr_scales: dict[str, float] | None = None):
+        """lr_scales: learning-rate multiplier by parameter name (model.named_parameters()),
+        1 for the others; train.lr * multiplier is each one's peak lr."""
         if cfg.metric not in ("cer", "loss"):
             raise ValueError(f"train.metric={cfg.metric!r}; choose cer or loss")
         if cfg.accum_steps < 1:
@@ -127,14 +131,23 @@ class Trainer:
         # Wrap (DDP) or shard (FSDP) before the optimiser: sharding replaces the parameters.
         self.parallel = build_parallel(cfg.parallel, self.info, cfg.find_unused_parameters, self.amp_dtype)
         self.losses = self.parallel.wrap(_Losses(self.model), self.model, self.device)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
         if not self.params:
             raise ValueError("the model has no trainable parameters (requires_grad): nothing to train")
-        decay = [p for p in self.params if p.ndim >= 2]
-        no_decay = [p for p in self.params if p.ndim < 2]  # biases, norms, thresholds
+        lr_scales = lr_scales or {}
+        unknown = sorted(set(lr_scales) - {n for n, _ in named})
+        if unknown:
+            raise ValueError(f"lr_scales names no trainable parameter: {unknown[:5]}")
+        # One group per (lr multiplier, weight decay); biases, norms and thresholds (ndim < 2)
+        # never decay. Groups at multiplier 1 come first: the logged lr is group 0's.
+        groups: dict[tuple[float, bool], list] = {}
+        for name, p in named:
+            groups.setdefault((lr_scales.get(name, 1.0), p.ndim >= 2), []).append(p)
+        order = sorted(groups, key=lambda key: (key[0] != 1.0, key[0], not key[1]))
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+            [{"params": groups[key], "lr": cfg.lr * key[0], "weight_decay": cfg.weight_decay if key[1] else 0.0}
+             for key in order], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
         self.state = TrainState()
         time_progress = None
         if cfg.decay_by_time and cfg.max_minutes > 0:

@@ -46,16 +46,20 @@ def corpus_version(pretrained_dir: str | Path) -> str:
 
 def export_base(run_dir: str | Path, out_dir: str | Path, corpus: str, meta: dict[str, Any] | None = None,
                 dtype: torch.dtype = torch.float16) -> Path:
-    """Write a finished stage-2 run (its exported `model/`) as a shipped base in `out_dir`."""
-    from hdmole.bin.train import build_model
+    """Write a finished stage-2 run (its exported `model/`) as a shipped base in `out_dir`.
+
+    The model is the pre-trained checkpoints of the run's config with the export loaded over
+    them: the export holds every tensor the run changed, those it got from train.init_from
+    included (hdmole.train.export), so init_from itself is not read."""
     from hdmole.config import load_resolved, to_object
+    from hdmole.model import LLMASR
     from hdmole.train.export import load_export
 
     run_dir, out = Path(run_dir), Path(out_dir)
     cfg = to_object(load_resolved(run_dir))
     if cfg.adapter.method != "none":
         raise ValueError(f"{run_dir}: trained with adapter {cfg.adapter.method!r}; export a base run (no adapter)")
-    model, _ = build_model(cfg, "cpu")
+    model = LLMASR.from_config(cfg.model, device="cpu")
     load_export(model, run_dir)
     out.mkdir(parents=True, exist_ok=True)
     whisper_dir, llm_dir = out / "whisper", out / "qwen"
@@ -118,8 +122,8 @@ def base_model_overrides(base_dir: str | Path) -> list[str]:
 def install_base(pretrained_dir: str | Path, base_dir: str | Path, corpus: str, overrides: Sequence[str] = ()) -> Path:
     """Make `base_dir` a finished base run backed by the shipped model (checked against the
     corpus version). `overrides`: the recipe's common Hydra overrides (data paths etc.)."""
-    from hdmole.bin.common import save_provenance
     from hdmole.config import compose_config, save_resolved
+    from hdmole.provenance import save_provenance
     from hdmole.train.export import save_export
 
     pretrained_dir, base_dir = Path(pretrained_dir), Path(base_dir)

@@ -2,7 +2,8 @@
 # The paper's comparison, fair and seeded, in one command (RESULTS.md):
 #   1. data and ONE base model (run.sh stages 0-2);
 #   2. the lr grid: every trained preset at every lr of the grid, seed 0, trained only; each
-#      checkpoint is chosen by CER on the whole accent dev set (conf/train/adapt.yaml);
+#      checkpoint is chosen by CER on the whole accent dev set (conf/train/adapt.yaml); a
+#      preset whose best grid lr is on the grid's edge also gets the next lr beyond it;
 #   3. per preset the lr with the lowest dev CER (recipes/paper_results.py choose; test sets
 #      are never read for a choice), then that lr with every seed, trained, decoded, scored;
 #   4. the report: seed means +/- sd, paired bootstrap CIs, the paper's claims, plots.
@@ -50,11 +51,21 @@ mapfile -t base < <(./run.sh "${common[@]}" --skip-setup true --print-overrides 
 launch=("hydra/launcher=${launcher}")
 [ "${launcher}" = joblib ] && launch+=("hydra.launcher.n_jobs=${jobs}")
 # shellcheck disable=SC2206
-sweep=(-m "${base[@]}" "hydra.sweep.dir=${root}/sweep" "train.num_threads=${threads}" data.num_workers=0
-       "${launch[@]}" ${train_args})
+one=(-m "${base[@]}" "hydra.sweep.dir=${root}/sweep" "train.num_threads=${threads}" data.num_workers=0 ${train_args})
+sweep=("${one[@]}" "${launch[@]}")
 
 echo "== lr grid (${lrs}), seed 0: ${presets}"
 python -m hdmole.bin.sweep train "${sweep[@]}" "adapter=$(echo ${presets} | tr ' ' ,)" "train.lr=${lrs}" train.seed=0
+
+echo "== one more lr beyond the grid's edge for presets whose best grid lr is on that edge"
+for preset in ${presets}; do
+    lr="$(python recipes/paper_results.py extend "${root}/sweep" "${preset}" --lrs "${lrs}")"
+    if [ -n "${lr}" ]; then
+        while [ "$(jobs -rp | wc -l)" -ge "${jobs}" ]; do wait -n; done  # at most --jobs at once
+        python -m hdmole.bin.sweep train "${one[@]}" "adapter=${preset}" "train.lr=${lr}" train.seed=0 &
+    fi
+done
+wait
 
 echo "== chosen lr per preset (accent dev CER), every seed (${seeds}), decoded and scored"
 python -m hdmole.bin.sweep run "${sweep[@]}" adapter=base train.lr=0 train.seed=0

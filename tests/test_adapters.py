@@ -459,7 +459,7 @@ def test_freezing_and_trainable_report():
     assert report.trainable == sum(p.numel() for p in handle.trainable_parameters().values())
     assert report.by_group["experts"] == A * AdapterConfig().rank * (D_IN + D_HID + D_HID + D_OUT)
     assert "global_router" in report.table and "local_router" in report.table
-    assert handle.effective_loss_weights() == {"accent_ce": 0.1, "load_balance": 0.0, "router_z": 0.0}
+    assert handle.effective_loss_weights() == {"accent_ce": 0.1, "load_balance": 0.01, "router_z": 0.0}
     _, local = make("threshold", "none", "local", lambda_accent=0.1)
     assert local.effective_loss_weights()["accent_ce"] == 0.0  # no learned global router
 

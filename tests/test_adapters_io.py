@@ -13,7 +13,7 @@ from hdmole.adapters import (AdapterConfig, inject, load_adapter, load_adapter_c
 from test_adapters import A, D_FEAT, Projector, batch, make
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "conf" / "adapter"
-PRESETS = ("base", "full", "lora", "mole_dense", "mole_topk", "mole_topp", "adamole",
+PRESETS = ("base", "full", "lora", "lora_active", "mole_dense", "mole_topk", "mole_topp", "adamole",
            "oracle_accent", "hdmole", "hdmole_no_hier", "hdmole_topk")
 
 
@@ -28,6 +28,14 @@ def test_every_preset_exists_and_nothing_else():
     assert sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) == sorted(PRESETS)
     for name in PRESETS:
         assert (PRESET_DIR / f"{name}.yaml").read_text().startswith("# @package adapter\n")
+
+
+def test_presets_state_only_their_differences_from_the_defaults():
+    default = AdapterConfig()
+    for name in PRESETS:
+        values = OmegaConf.to_container(OmegaConf.load(PRESET_DIR / f"{name}.yaml"))
+        same = [k for k, v in values.items() if getattr(default, k) == v and (name, k) != ("hdmole", "method")]
+        assert not same, f"{name}.yaml restates defaults: {same}"
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -62,11 +70,12 @@ def test_preset_with_unknown_key_fails(tmp_path):
         OmegaConf.merge(OmegaConf.structured(AdapterConfig), OmegaConf.load(bad))
 
 
-def test_hydra_composes_a_preset_under_the_adapter_key():
-    from hydra import compose, initialize_config_dir
-    with initialize_config_dir(config_dir=str(PRESET_DIR.parent), version_base="1.3"):
-        root = compose(overrides=["+adapter=hdmole_topk"])
-    assert root.adapter.selection == "topk" and root.adapter.top_k == 2
+def test_hydra_composes_a_preset_over_the_schema_defaults():
+    from hdmole.config import compose_config
+
+    root = compose_config(["adapter=hdmole_topk"], config_dir=PRESET_DIR.parent)
+    assert root.adapter.selection == "topk" and root.adapter.top_k == 2  # top_k: the default
+    assert root.adapter.global_router == "learned"
 
 
 @pytest.mark.parametrize("kw", [dict(selection="threshold"), dict(selection="token_threshold",

@@ -388,8 +388,8 @@ def test_attached_adapter_starts_as_base_adds_aux_losses_and_roundtrips(tiny_dir
     assert not m.projector.linear1.base.weight.requires_grad  # the adapter library's wrapper keeps the base
     out = m(batch)
     torch.testing.assert_close(out.asr_loss, base_loss)  # B = 0: a fresh adapter changes nothing
-    assert set(out.aux_losses) == {"accent_ce"}
-    torch.testing.assert_close(out.loss, out.asr_loss + out.aux_losses["accent_ce"])
+    assert set(out.aux_losses) == {"accent_ce", "load_balance"}
+    torch.testing.assert_close(out.loss, out.asr_loss + out.aux_losses["accent_ce"] + out.aux_losses["load_balance"])
     m.train()
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1.0)
     m(batch).loss.backward()
@@ -492,6 +492,7 @@ def test_pinyin_ctc_units_roundtrip_and_head(tiny_dirs):
     ids = units.encode("我们去学校吧。OK")
     assert units.decode(ids) == "uo3 men5 qv4 xve2 xiao4 ba5"  # phonetic spelling, punctuation skipped
     assert [units.units[i] for i in ids[:3]] == ["uo", "3", "m"]  # zero initial: no initial unit
+    torch.manual_seed(0)  # a random head: its greedy output must not depend on earlier tests
     m = LLMASR.from_config(make_config(tiny_dirs, ctc_weight=1.0, asr_weight=0.0, ctc_units="pinyin",
                                        freeze_encoder=False), "cpu").train()
     assert m.ctc_head.out_features == units.size

@@ -57,22 +57,34 @@ sweep=("${one[@]}" "${launch[@]}")
 echo "== lr grid (${lrs}), seed 0: ${presets}"
 python -m hdmole.bin.sweep train "${sweep[@]}" "adapter=$(echo ${presets} | tr ' ' ,)" "train.lr=${lrs}" train.seed=0
 
+# Sweeps whose lr differs per preset: one sweep per preset, at most --jobs of them at once
+# (each runs its points one after another). With the joblib launcher a sweep's own points
+# would run in parallel, but then a preset's lone last point leaves a core idle.
+limit() { while [ "$(jobs -rp | wc -l)" -ge "${jobs}" ]; do wait -n || true; done; }
+failed="${root}/sweep/failed"  # one line per failed background sweep
+rm -f "${failed}"
+background() { ("$@" || echo "$*" >> "${failed}") & }
+check() { wait; [ ! -s "${failed}" ] || { echo "failed sweeps (logs above): $(cat "${failed}")" >&2; exit 1; }; }
+[ "${launcher}" = joblib ] && per_preset=("${one[@]}") || per_preset=("${sweep[@]}")
+
 echo "== one more lr beyond the grid's edge for presets whose best grid lr is on that edge"
 for preset in ${presets}; do
     lr="$(python recipes/paper_results.py extend "${root}/sweep" "${preset}" --lrs "${lrs}")"
     if [ -n "${lr}" ]; then
-        while [ "$(jobs -rp | wc -l)" -ge "${jobs}" ]; do wait -n; done  # at most --jobs at once
-        python -m hdmole.bin.sweep train "${one[@]}" "adapter=${preset}" "train.lr=${lr}" train.seed=0 &
+        limit
+        background python -m hdmole.bin.sweep train "${per_preset[@]}" "adapter=${preset}" "train.lr=${lr}" train.seed=0
     fi
 done
-wait
+check
 
 echo "== chosen lr per preset (accent dev CER), every seed (${seeds}), decoded and scored"
-python -m hdmole.bin.sweep run "${sweep[@]}" adapter=base train.lr=0 train.seed=0
-for preset in ${presets}; do
-    lr="$(python recipes/paper_results.py choose "${root}/sweep" "${preset}")"
-    python -m hdmole.bin.sweep run "${sweep[@]}" "adapter=${preset}" "train.lr=${lr}" "train.seed=${seeds}"
+for preset in base ${presets}; do
+    if [ "${preset}" = base ]; then lr=0 run_seeds=0; else
+        lr="$(python recipes/paper_results.py choose "${root}/sweep" "${preset}")" run_seeds="${seeds}"; fi
+    limit
+    background python -m hdmole.bin.sweep run "${per_preset[@]}" "adapter=${preset}" "train.lr=${lr}" "train.seed=${run_seeds}"
 done
+check
 
 echo "suite_seconds=$(( SECONDS - start ))" >> "${root}/sweep/wall_time.txt"
 if [ -n "${out}" ]; then

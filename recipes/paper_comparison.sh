@@ -88,5 +88,6 @@ check
 
 echo "suite_seconds=$(( SECONDS - start ))" >> "${root}/sweep/wall_time.txt"
 if [ -n "${out}" ]; then
-    python recipes/paper_results.py report "${root}/sweep" --presets "base ${presets}" --out "${out}"
+    python recipes/paper_results.py report "${root}/sweep" --presets "base ${presets}" --out "${out}" \
+        $([ "${out}" = RESULTS.md ] && echo --readme README.md)
 fi

@@ -192,8 +192,23 @@ def plots(presets: dict[str, Preset], out_dir: Path) -> list[Path]:
     return written
 
 
-def report(sweep: Path, names: list[str], out: Path | None) -> str:
+def summary_table(presets: dict[str, Preset]) -> str:
+    """The README's table: per preset its lr, mean accent and source CER (mean ± sd)."""
+    full = presets.get("full")
+    full_params = full.scores[min(full.scores)].trainable_params if full else None
+    lines = ["| method | lr (dev) | mean accent CER | source CER | trainable (% of full) |", "|---|---|---|---|---|"]
+    for n, p in presets.items():
+        params = p.scores[min(p.scores)].trainable_params or 0
+        share = f" ({100 * params / full_params:.1f})" if full_params and params else ""
+        lines.append(f"| {n} | {p.lr} | {mean_sd(p.values('mean_accent_cer'))} | {mean_sd(p.values('source_cer'))} "
+                     f"| {params:,}{share} |")
+    return "\n".join(lines) + "\n"
+
+
+def report(sweep: Path, names: list[str], out: Path | None, readme: Path | None = None) -> str:
     presets = {n: Preset(sweep, n) for n in names}
+    if readme is not None:
+        write_generated(readme, summary_table(presets))
     lines = ["## Table: test CER %, mean ± sd over seeds, at each preset's dev-chosen lr", "",
              "| method | lr | seeds | " + " | ".join(ACCENTS) + " | mean accent | source | trainable params | % of full "
              "| active experts |", "|---|---|---|" + "---|" * (len(ACCENTS) + 5)]
@@ -345,6 +360,7 @@ def main() -> None:
     r.add_argument("--presets", default="base full lora lora_active mole_dense mole_topk mole_topp adamole "
                                         "oracle_accent hdmole hdmole_no_hier hdmole_topk")
     r.add_argument("--out", type=Path)
+    r.add_argument("--readme", type=Path, help="also write the summary table between this file's markers")
     args = parser.parse_args()
     if args.command == "choose":
         print(choose(args.sweep, args.preset))
@@ -352,7 +368,7 @@ def main() -> None:
     if args.command == "extend":
         print(extend(args.sweep, args.preset, args.lrs.split(",")))
         return
-    sys.stdout.write(report(args.sweep, args.presets.split(), args.out))
+    sys.stdout.write(report(args.sweep, args.presets.split(), args.out, args.readme))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ fi
 echo "[setup_env] creating/updating ${venv} (about 1 minute, 1.5 GB)"
 [ -x "${venv}/bin/python" ] || "${python}" -m venv "${venv}"
 "${venv}/bin/python" -m pip install -q --upgrade pip
-# setuptools builds the editable install in the venv itself (no build isolation); Python
-# 3.12's venv no longer ships it. Installed only when missing or older.
-"${venv}/bin/python" -m pip install -q "setuptools>=64"
+# setuptools builds the editable install in the venv itself (no build isolation): 70.1 or
+# newer has bdist_wheel built in (Python 3.11's venv ships 65 without `wheel`; 3.12's none).
+"${venv}/bin/python" -m pip install -q "setuptools>=70.1"
 "${venv}/bin/python" -m pip install -q --no-build-isolation -e "${root}[test]"
 "${venv}/bin/python" -m pip check
 echo "${want}" > "${stamp}"

@@ -205,8 +205,22 @@ def summary_table(presets: dict[str, Preset]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def decoded_presets(sweep: Path, names: list[str]) -> tuple[dict[str, Preset], list[str]]:
+    """The presets with at least one decoded run at their chosen lr, and the names of the rest
+    (an unfinished suite still reports what it has; the table's seeds column says how much)."""
+    presets, missing = {}, []
+    for n in names:
+        try:
+            presets[n] = Preset(sweep, n)
+        except SystemExit:
+            missing.append(n)
+    return presets, missing
+
+
 def report(sweep: Path, names: list[str], out: Path | None, readme: Path | None = None) -> str:
-    presets = {n: Preset(sweep, n) for n in names}
+    presets, missing = decoded_presets(sweep, names)
+    if not presets:
+        raise SystemExit(f"{sweep}: no preset has a decoded run yet")
     if readme is not None:
         write_generated(readme, summary_table(presets))
     lines = ["## Table: test CER %, mean ± sd over seeds, at each preset's dev-chosen lr", "",
@@ -227,15 +241,19 @@ def report(sweep: Path, names: list[str], out: Path | None, readme: Path | None 
                      f"{first.trainable_params or 0:,} | {share} | "
                      + (f"{statistics.fmean(active):.2f} |" if active else "- |"))
     lines += ["", "Per-accent columns: seed means. `lr`: the grid point with the lowest accent dev CER "
-              "(seed 0).", "", "## The lr grid: accent dev CER % of the best checkpoint, seed 0", ""]
+              "(seed 0)." + (f" Not decoded yet: {', '.join(missing)}." if missing else ""), "",
+              "## The lr grid: accent dev CER % of the best checkpoint, seed 0", ""]
     lrs = sorted({lr for n in names if n != "base" for lr in grid(sweep, n)}, key=float)
     lines += ["| method | " + " | ".join(lrs) + " |", "|---|" + "---|" * len(lrs)]
     for n in names:
-        if n == "base":
+        if n == "base" or not grid(sweep, n):
             continue
+        best = choose(sweep, n)
         g = grid(sweep, n)
         lines.append(f"| {n} | " + " | ".join(
-            (f"**{g[lr]:.2f}**" if lr == presets[n].lr else f"{g[lr]:.2f}") if lr in g else "-" for lr in lrs) + " |")
+            (f"**{g[lr]:.2f}**" if lr == best else f"{g[lr]:.2f}") if lr in g else "-" for lr in lrs) + " |")
+    lines += ["", "Bold: the chosen lr. A best value on the grid's edge got one more lr beyond it "
+              "(recipes/paper_comparison.sh)."]
 
     hd = presets.get("hdmole")
     cis: dict[tuple[str, bool], tuple[float, float, float]] = {}

@@ -165,11 +165,15 @@ def attach_encoder_cache(cfg, model: LLMASR, cut_sets: list[Path]) -> None:
     info = DistInfo()  # every rank fills the whole cache in the same order
     was_training = model.training
     model.eval()
-    try:
-        for path in cut_sets:
-            cache.fill(path, make_loader(cfg, path, model.num_mel_bins, False, info), model.encode)
-    finally:
-        model.train(was_training)
+    # Iterating a DataLoader draws its base seed from the global torch generator: without the
+    # fork, a run that computes the cache would then draw other dropout masks than one that
+    # loads it, and the same command would give two results.
+    with torch.random.fork_rng(devices=[]):
+        try:
+            for path in cut_sets:
+                cache.fill(path, make_loader(cfg, path, model.num_mel_bins, False, info), model.encode)
+        finally:
+            model.train(was_training)
     model.use_encoder_cache(cache)
 
 
@@ -214,7 +218,7 @@ def train_run(dcfg: DictConfig, provenance: Callable[[Path], None] | None = None
             phase_source = cfg.adapter.method == "none"  # base training: source domain
             corpus = SOURCE if phase_source else TARGET
             train_path, dev_path = cfg.data.cuts_path(corpus, "train"), cfg.data.cuts_path(corpus, "dev")
-            attach_encoder_cache(cfg, model, [train_path, dev_path])  # draws no random numbers
+            attach_encoder_cache(cfg, model, [train_path, dev_path])  # leaves the RNG state as it was
             use_ctc = cfg.model.asr_weight == 0
             validate, routing = make_validate(cfg, model, dev_path, use_ctc)
             trainer = Trainer(model, cfg.train, exp_dir,

@@ -135,3 +135,26 @@ def test_paper_comparison_sweep_chooses_on_dev_and_reports(recipe, tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     assert marker.stat().st_mtime_ns == before and "training already finished" in r.stderr
     assert out.read_text(encoding="utf-8").count("paper_results.py report: begin") == 1
+
+
+@pytest.mark.slow
+def test_encoder_cache_fill_leaves_the_random_state_alone(recipe, tmp_path, monkeypatch):
+    """A run that computes the encoder-output cache and one that loads it must draw the same
+    dropout masks: filling iterates DataLoaders, which draw seeds from the global generator."""
+    from dataclasses import replace
+
+    from hdmole.config import load_resolved, to_object
+    from hdmole.experiment import TARGET, attach_encoder_cache, build_model
+
+    monkeypatch.chdir(ROOT)
+    cfg = to_object(load_resolved(EXP / "hdmole", []))
+    cfg.data = replace(cfg.data, encoder_cache_dir=str(tmp_path / "encoder_out"))
+    cut_sets = [cfg.data.cuts_path(TARGET, "train"), cfg.data.cuts_path(TARGET, "dev")]
+    for fills in (True, False):  # computed, then loaded from disk
+        model, _ = build_model(cfg, "cpu")
+        torch.manual_seed(5)
+        attach_encoder_cache(cfg, model, cut_sets)
+        after = torch.rand(3)
+        torch.manual_seed(5)
+        assert torch.equal(after, torch.rand(3)), f"fill={fills}"
+        assert model.encoder_cache.outputs and (tmp_path / "encoder_out").is_dir()

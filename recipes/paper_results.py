@@ -21,6 +21,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from hdmole.bin.sweep import DECODED  # the marker of a run whose every test set is decoded
 from hdmole.data.accents import ACCENTS
 from hdmole.score import (ExperimentScore, decoded_sets, is_source_set, layer_summaries, load_json,
                           paired_bootstrap, score_experiment, tau_over_training, utterance_errors)
@@ -87,7 +88,7 @@ class Preset:
         all_runs = runs(sweep, name)
         self.lr = "-" if name == "base" else choose(sweep, name)
         self.runs = {seed: d for (lr, seed), d in sorted(all_runs.items())
-                     if (lr == self.lr or name == "base") and (d / "decode").is_dir()}
+                     if (lr == self.lr or name == "base") and (d / DECODED).is_file()}
         if not self.runs:
             raise SystemExit(f"{sweep / name}: no decoded run at the chosen lr {self.lr}")
         self.scores: dict[int, ExperimentScore] = {s: score_experiment(d, name)[0] for s, d in self.runs.items()}

@@ -102,12 +102,17 @@ def make_validate(cfg, model, dev_path: Path, use_ctc: bool) -> tuple[Callable, 
     return validate, lambda: dict(last_routing)
 
 
+def same_config(cfg, exp_dir: Path) -> bool:
+    """Whether exp_dir holds a run of exactly this (composed) config."""
+    old = exp_dir / RESOLVED_NAME
+    return old.exists() and OmegaConf.to_yaml(cfg, resolve=True) == old.read_text(encoding="utf-8")
+
+
 def fresh_start_if_config_changed(cfg, exp_dir: Path, info: DistInfo) -> None:
     """Resume only a run with the identical config; otherwise clear its checkpoints."""
-    old = exp_dir / RESOLVED_NAME
-    if not info.is_main or not old.exists():
+    if not info.is_main or not (exp_dir / RESOLVED_NAME).exists():
         return
-    if OmegaConf.to_yaml(cfg, resolve=True) != old.read_text(encoding="utf-8"):
+    if not same_config(cfg, exp_dir):
         log.warning("%s: config changed since the last run; starting afresh (old checkpoints removed)", exp_dir)
         for sub in ("checkpoints", "model", "tensorboard"):
             shutil.rmtree(exp_dir / sub, ignore_errors=True)

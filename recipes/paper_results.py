@@ -73,11 +73,13 @@ def extend(sweep: Path, preset: str, lrs: list[str]) -> str:
     return f"{edge * edge / neighbour:.3g}"
 
 
-def mean_sd(values: list[float]) -> str:
+def mean_sd(values: list[float], sd: bool = True) -> str:
     if not values or any(v is None or math.isnan(v) for v in values):
         return "-"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.2f} ± {sd:.2f}"
+    if not sd:
+        return f"{statistics.fmean(values):.2f}"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.2f} ± {spread:.2f}"
 
 
 class Preset:
@@ -232,7 +234,7 @@ def report(sweep: Path, names: list[str], out: Path | None, readme: Path | None 
         full_params = presets["full"].scores[min(presets["full"].scores)].trainable_params
     for n, p in presets.items():
         first = p.scores[min(p.scores)]
-        per_accent = [mean_sd([s.accent_cer.get(a, math.nan) for s in p.scores.values()]).split(" ±")[0]
+        per_accent = [mean_sd([s.accent_cer.get(a, math.nan) for s in p.scores.values()], sd=False)
                       for a in ACCENTS]
         active = [s.mean_active_experts for s in p.scores.values() if s.mean_active_experts is not None]
         share = (f"{100 * first.trainable_params / full_params:.1f}" if full_params and first.trainable_params
@@ -299,8 +301,8 @@ def write_generated(path: Path, text: str) -> None:
     path.write_text(f"{head}{BEGIN}\n{text}{END}{tail}", encoding="utf-8")
 
 
-def verdict(ci: tuple[float, float, float], better_if_negative: bool = True) -> str:
-    d, lo, hi = ci
+def verdict(ci: tuple[float, float, float]) -> str:
+    _, lo, hi = ci
     if hi < 0:
         return "hdmole lower (CI below 0)"
     if lo > 0:

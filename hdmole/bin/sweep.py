@@ -25,11 +25,11 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from hdmole.bin.common import save_provenance, setup_logging
-from hdmole.config import RESOLVED_NAME, check_schema, default_config_dir, register_schema, to_object
-from hdmole.experiment import decode_run, train_run
+from hdmole.config import check_schema, default_config_dir, register_schema, to_object
+from hdmole.experiment import decode_run, same_config, train_run
 from hdmole.score import write_reports
 
 log = logging.getLogger("hdmole.sweep")
@@ -46,9 +46,7 @@ def job(cfg: DictConfig, mode: str) -> None:
     check_schema(cfg)
     exp_dir = Path(cfg.exp_dir)
     argv = [f"{mode}", *hydra_cfg.overrides.task]
-    saved = exp_dir / RESOLVED_NAME
-    if ((exp_dir / "model" / "done").is_file() and saved.is_file()
-            and saved.read_text(encoding="utf-8") == OmegaConf.to_yaml(cfg, resolve=True)):
+    if (exp_dir / "model" / "done").is_file() and same_config(cfg, exp_dir):
         log.info("%s: training already finished with this config", exp_dir)
     else:
         train_run(cfg, lambda d: save_provenance(d, argv))

@@ -29,7 +29,7 @@ skip_setup=false   # true: do not run tools/setup_env.sh
 print_overrides=false  # true: print stage 3's Hydra overrides (one per line) and exit (recipes/)
 
 help_message="Usage: $0 [options]
-  --stage N / --stop-stage N   stages to run (0 data, 1 cuts+tokenizer+tiny checkpoints,
+  --stage N / --stop-stage N   stages to run (0 data, 1 cuts+features+tokenizer+tiny checkpoints,
                                2 base model, 3 adaptation, 4 decoding, 5 scoring); default 0-5
   --corpus synthetic|kespeech  default synthetic (real roots in db.sh)
   --size ci|default|large      synthetic corpus size (default: default)
@@ -112,7 +112,7 @@ echo "${cmdline}" >> "${exp_root}/run.sh.cmd"
 # shellcheck disable=SC2206
 common_overrides=(model="${model}" data="${data_preset}" "data.corpus_dir=${data_root}/corpus"
     "data.manifest_dir=${data_root}/manifests" "data.cuts_dir=${data_root}/cuts" "data.num_jobs=${nj}"
-    "data.feature_cache_dir=${data_root}/feats")
+    "data.feature_dir=${data_root}/fbank")
 if [ "${corpus}" = synthetic ]; then
     # The frozen encoder's outputs once per cut set (KeSpeech's would need ~0.7 TB: off there).
     common_overrides+=(data.synthetic=true "data.synthetic_size=${size}" "data.synthetic_seed=${seed}"
@@ -176,16 +176,21 @@ if want 0; then
     stage_time 0 "${t0}"
 fi
 
-# ---- stage 1: cut sets, statistics, tokenizer + tiny checkpoints ------------------------------
+# ---- stage 1: cut sets, statistics, features, tokenizer + tiny checkpoints --------------------
 if want 1; then
     t0=${SECONDS}
-    log "stage 1: normalise/filter, cut sets, statistics"
+    log "stage 1: normalise/filter, cut sets, statistics, features"
     run_stage "${data_root}/.done/stage1" "cuts $(cat "${data_root}/.done/stage0" 2>/dev/null)" \
         python -m hdmole.bin.prepare cuts "${common_overrides[@]}"
     if [ "${model}" = tiny ]; then
         run_stage "${data_root}/.done/stage1_tiny" "tiny text_steps=${lm_text_steps} $(cat "${data_root}/.done/stage1")" \
             python -m hdmole.bin.prepare tiny --text-steps "${lm_text_steps}" "${common_overrides[@]}"
     fi
+    # Whisper log-mel in lhotse's storage, with the mel bins of model.encoder_dir (data.feature_storage;
+    # nothing for on-the-fly presets).
+    run_stage "${data_root}/.done/stage1_features_${model}" \
+        "features $(conf_hash conf/data/*.yaml "conf/model/${model}.yaml") $(cat "${data_root}/.done/stage1")" \
+        python -m hdmole.bin.prepare features "${common_overrides[@]}"
     stage_time 1 "${t0}"
 fi
 

@@ -62,11 +62,11 @@ def main() -> None:
     data = args.corpus
     overrides = ["model=tiny", "data=synthetic", f"data.corpus_dir={data}/corpus",
                  f"data.cuts_dir={data}/cuts", f"data.manifest_dir={data}/manifests",
-                 f"data.feature_cache_dir={data}/feats", f"data.encoder_cache_dir={data}/encoder_out",
+                 f"data.feature_dir={data}/fbank", f"data.encoder_cache_dir={data}/encoder_out",
                  "data.num_workers=0", f"adapter={args.adapter}",
                  f"train.init_from={args.exp_root / 'base_model'}", *base_overrides(args.exp_root), *args.overrides]
     cfg = to_object(compose_config(overrides))
-    train_path, dev_path = cfg.data.cuts_path(TARGET, "train"), cfg.data.cuts_path(TARGET, "dev")
+    train_path, dev_path = cfg.data.feature_cuts_path(TARGET, "train"), cfg.data.feature_cuts_path(TARGET, "dev")
     torch.manual_seed(0)
     model, _ = build_model(cfg, "cpu")
     batches = []

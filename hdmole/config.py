@@ -6,6 +6,7 @@ ConfigStore. The schema is strict: an unknown or misspelt key fails with its nam
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +24,14 @@ from hdmole.fileio import write_text_atomic
 from hdmole.model.config import ModelConfig
 from hdmole.train.config import TrainConfig
 
+log = logging.getLogger(__name__)
+
 SCHEMA_NAME = "experiment_schema"
 RESOLVED_NAME = "config.yaml"  # the resolved config saved in every experiment directory
+# Keys that saved configs of earlier versions may hold and that no longer exist, with what
+# replaced them: dropped (with a warning) when such a directory is read back, so that an
+# existing base model or run stays usable; a new config naming them still fails.
+RETIRED_KEYS = {("data", "feature_cache_dir"): "stored features: data.feature_storage (stage 1)"}
 
 
 @dataclass
@@ -92,7 +99,12 @@ def load_resolved(exp_dir: Path, overrides: Sequence[str] = (), allowed_prefixes
     path = exp_dir / RESOLVED_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path} missing: {exp_dir} is not a finished training run")
-    cfg = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.load(path))
+    saved = OmegaConf.load(path)
+    for (section, key), replacement in RETIRED_KEYS.items():
+        if key in saved.get(section, {}):
+            log.warning("%s: %s.%s is no longer an option (%s); ignored", path, section, key, replacement)
+            del saved[section][key]
+    cfg = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), saved)
     OmegaConf.set_struct(cfg, True)
     for item in overrides:
         key, sep, value = item.partition("=")

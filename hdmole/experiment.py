@@ -50,7 +50,7 @@ def make_loader(cfg, cuts_path: Path, num_mel_bins: int, train: bool, info: Dist
     """The data package's loader for one cut set; training batches are shuffled by
     (seed, epoch) only, so a resumed run sees the same order, and sharded by DDP rank."""
     if not cuts_path.exists():
-        raise FileNotFoundError(f"{cuts_path} missing: run stage 1 (cut sets)")
+        raise FileNotFoundError(f"{cuts_path} missing: run stage 1 (cut sets, features)")
     loader = make_dataloader(cuts_path, cfg.data, num_mel_bins, shuffle=train if shuffle is None else shuffle,
                              rank=info.rank, world_size=info.world_size, seed=cfg.train.seed,
                              drop_last=False)
@@ -222,7 +222,7 @@ def train_run(dcfg: DictConfig, provenance: Callable[[Path], None] | None = None
         else:
             phase_source = cfg.adapter.method == "none"  # base training: source domain
             corpus = SOURCE if phase_source else TARGET
-            train_path, dev_path = cfg.data.cuts_path(corpus, "train"), cfg.data.cuts_path(corpus, "dev")
+            train_path, dev_path = (cfg.data.feature_cuts_path(corpus, split) for split in ("train", "dev"))
             attach_encoder_cache(cfg, model, [train_path, dev_path])  # leaves the RNG state as it was
             use_ctc = cfg.model.asr_weight == 0
             validate, routing = make_validate(cfg, model, dev_path, use_ctc)
@@ -255,11 +255,11 @@ def decode_run(cfg, exp_dir: Path) -> None:
     handle = routing_handle(model)
     sets = list(cfg.decode.test_sets) or list(DEFAULT_TEST_SETS)
     if not cfg.decode.max_utterances:  # whole sets: their encoder outputs serve every later run
-        attach_encoder_cache(cfg, model, [cfg.data.cuts_path(*name.split("_", 1)) for name in sets])
+        attach_encoder_cache(cfg, model, [cfg.data.feature_cuts_path(*name.split("_", 1)) for name in sets])
     kwargs = generation_kwargs(cfg.decode)
     for name in sets:
         corpus, _, split = name.partition("_")
-        path = cfg.data.cuts_path(corpus, split)
+        path = cfg.data.feature_cuts_path(corpus, split)
         start = time.time()
         if handle is not None:
             handle.statistics_reset()

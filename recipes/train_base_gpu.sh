@@ -46,7 +46,7 @@ log "corpus: ${corpus_key} (stages 0-1 took $(( SECONDS - t_start )) s)"
 data_preset=synthetic
 [ -f "conf/data/synthetic_${size}.yaml" ] && data_preset="synthetic_${size}"
 common=(model=tiny "data=${data_preset}" "data.corpus_dir=${data_root}/corpus" "data.manifest_dir=${data_root}/manifests"
-        "data.cuts_dir=${data_root}/cuts" "data.num_jobs=${nj}" "data.feature_cache_dir=${data_root}/feats"
+        "data.cuts_dir=${data_root}/cuts" "data.num_jobs=${nj}" "data.feature_dir=${data_root}/fbank"
         data.synthetic=true "data.synthetic_size=${size}" "data.synthetic_seed=${seed}"
         "model.encoder_dir=${data_root}/tiny/whisper" "model.llm_dir=${data_root}/tiny/qwen")
 # GPU batches: several hundred utterances; loader processes keep the GPU fed.

@@ -59,3 +59,19 @@ def test_decoding_reuses_saved_config(tmp_path: Path):
         load_resolved(tmp_path, ["decode.beams=2"])
     with pytest.raises(FileNotFoundError, match="not a finished training run"):
         load_resolved(tmp_path / "nope")
+
+
+def test_saved_configs_of_earlier_versions_drop_retired_keys(tmp_path: Path, caplog):
+    """A run directory written before data.feature_cache_dir was retired still loads (a base
+    model to adapt from); a new config naming the key still fails."""
+    cfg = compose_config(["adapter=lora", f"exp_dir={tmp_path}"])
+    save_resolved(cfg, tmp_path)
+    text = (tmp_path / "config.yaml").read_text()
+    (tmp_path / "config.yaml").write_text(text.replace("data:\n", "data:\n  feature_cache_dir: data/feats\n", 1))
+    assert to_object(load_resolved(tmp_path)).adapter.method == "lora"
+    assert "feature_cache_dir is no longer an option" in caplog.text
+    with pytest.raises(Exception, match="feature_cache_dir"):
+        compose_config(["data.feature_cache_dir=data/feats"])
+    (tmp_path / "config.yaml").write_text(text.replace("data:\n", "data:\n  feature_cache: data/feats\n", 1))
+    with pytest.raises(Exception, match="feature_cache"):
+        load_resolved(tmp_path)

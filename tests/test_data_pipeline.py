@@ -14,7 +14,8 @@ import soundfile as sf
 
 from hdmole.data.accents import ACCENTS, accent_id
 from hdmole.data.config import DataConfig
-from hdmole.data.dataset import FeatureCache, LogMelExtractor, collate, cuts_by_accent, load_cuts, make_dataloader
+from hdmole.data.dataset import collate, cuts_by_accent, load_cuts, make_dataloader
+from hdmole.data.features import LogMelExtractor, compute_features, load_cut_features
 from hdmole.data.prepare import CorpusError, prepare_corpus
 from hdmole.data.synthetic import MANIFEST_NAME, generate, plan_corpus
 
@@ -451,20 +452,88 @@ def test_dataloader_ranks_are_disjoint(prepared):
     assert len(set(shares[0]) | set(shares[1])) <= len(load_cuts(path))
 
 
-def test_feature_cache_gives_the_same_features(prepared, tmp_path):
+def _stored(prepared, tmp_path, storage: str, **kw) -> DataConfig:
     from dataclasses import replace
 
-    cfg = replace(prepared, sampler="simple", batch_duration=1000.0, num_workers=0)
-    path = cfg.cuts_path("kespeech", "dev")
-    plain = next(iter(make_dataloader(path, cfg, 80, shuffle=False)))
-    cached_cfg = replace(cfg, feature_cache_dir=str(tmp_path / "feats"))
-    first = next(iter(make_dataloader(path, cached_cfg, 80, shuffle=False)))
-    second = next(iter(make_dataloader(path, cached_cfg, 80, shuffle=False)))
-    assert len(list((tmp_path / "feats").rglob("*.npy"))) == len(plain)
-    assert first.ids == plain.ids and (first.features == second.features).all()
-    assert (first.features - plain.features).abs().max() < 5e-3  # float16 storage
-    cut = next(iter(load_cuts(path)))
-    assert FeatureCache(tmp_path / "feats", 80).path(cut) != FeatureCache(tmp_path / "feats", 128).path(cut)
+    cfg = replace(prepared, sampler="simple", batch_duration=1000.0, num_workers=0, feature_storage=storage,
+                  feature_dir=str(tmp_path / storage), **kw)
+    compute_features(cfg, cfg.cuts_path("kespeech", "dev"), cfg.feature_cuts_path("kespeech", "dev"), 80)
+    return cfg
+
+
+def test_stored_float16_features_are_the_loaders_own(prepared, tmp_path):
+    """numpy_hdf5 storage: the on-the-fly values rounded to float16, in the input's cut order,
+    in one HDF5 file (not one file per cut)."""
+    from dataclasses import replace
+
+    cfg = _stored(prepared, tmp_path, "numpy_hdf5")
+    on_the_fly = replace(cfg, feature_storage=None)
+    plain_path, stored_path = on_the_fly.feature_cuts_path("kespeech", "dev"), cfg.feature_cuts_path("kespeech", "dev")
+    assert plain_path != stored_path and [c.id for c in load_cuts(stored_path)] == [c.id for c in load_cuts(plain_path)]
+    plain = next(iter(make_dataloader(plain_path, on_the_fly, 80, shuffle=False)))
+    stored = next(iter(make_dataloader(stored_path, cfg, 80, shuffle=False)))
+    assert stored.ids == plain.ids and stored.feature_lens.tolist() == plain.feature_lens.tolist()
+    assert (stored.features == plain.features.half().float()).all()
+    files = sorted(f.name for f in (tmp_path / "numpy_hdf5").rglob("*") if f.is_file())
+    assert files == ["00000.h5", "kespeech_dev.jsonl.gz"]
+
+
+def test_stored_lilcom_features_are_within_their_tick(prepared, tmp_path):
+    cfg = _stored(prepared, tmp_path, "lilcom_chunky", lilcom_tick_power=-6)
+    extractor = LogMelExtractor(80)
+    for cut in load_cuts(cfg.feature_cuts_path("kespeech", "dev")):
+        ours = extractor(cut.load_audio()[0])
+        stored = load_cut_features(cut, 80)
+        assert stored.shape == ours.shape == (80, cut.num_samples // 160)
+        assert np.abs(stored - ours).max() <= 2.0 ** -6 / 2 + 1e-6
+        assert not np.array_equal(stored, ours)  # lossy: the check above can fail
+    with pytest.raises(ValueError, match="80 mel bins, the model takes 128"):
+        load_cut_features(cut, 128)
+    with pytest.raises(ValueError, match="no stored features"):
+        load_cut_features(next(iter(load_cuts(cfg.cuts_path("kespeech", "dev")))), 80)
+
+
+def test_all_features_report_and_parallel_jobs(corpus, tmp_path):
+    """Stage 1's features step (the command line, mel bins from the encoder checkpoint) over
+    every cut set, two processes: counts, bytes and files in stats.json, the same values as one
+    process."""
+    cfg = _cfg(tmp_path, corpus, feature_storage="numpy_hdf5", feature_dir=str(tmp_path / "fbank"))
+    prepare_corpus("aishell", cfg)
+    prepare_corpus("kespeech", cfg)
+    from dataclasses import replace
+
+    two = replace(cfg, num_jobs=2, feature_dir=str(tmp_path / "fbank2"))
+    from hdmole.bin.prepare import main
+
+    encoder = Path(__file__).resolve().parent.parent / "pretrained" / "whisper"  # 80 mel bins
+    main(["features", f"data.cuts_dir={cfg.cuts_dir}", "data.num_jobs=2", "data.feature_storage=numpy_hdf5",
+          f"data.feature_dir={two.feature_dir}", f"model.encoder_dir={encoder}"])
+    report = json.loads((tmp_path / "fbank2" / "stats.json").read_text())
+    assert report["num_mel_bins"] == 80 and report["storage"] == "numpy_hdf5"
+    for name, counts in report["cut_sets"].items():
+        corpus_name, split = name.split("_")
+        assert counts["cuts"] == len(load_cuts(cfg.cuts_path(corpus_name, split))) and counts["files"] == 2
+        assert counts["bytes"] > counts["frames"] * 80 * 2  # float16 values plus HDF5's own structure
+    compute_features(cfg, cfg.cuts_path("aishell", "dev"), cfg.feature_cuts_path("aishell", "dev"), 80)  # one job
+    one = {c.id: c for c in load_cuts(cfg.feature_cuts_path("aishell", "dev"))}
+    for cut in load_cuts(two.feature_cuts_path("aishell", "dev")):
+        assert np.array_equal(load_cut_features(cut, 80), load_cut_features(one[cut.id], 80))
+
+
+def test_features_of_a_vanished_wav_name_the_cut(prepared, tmp_path):
+    """lhotse drops a cut whose audio no longer loads; the features step refuses to lose it."""
+    from dataclasses import replace
+
+    cfg = replace(prepared, feature_storage="numpy_hdf5", feature_dir=str(tmp_path / "fbank"))
+    from lhotse import CutSet
+
+    cuts = list(load_cuts(cfg.cuts_path("kespeech", "dev")))
+    cuts[1].recording.sources[0].source = str(tmp_path / "gone.wav")
+    vanished = tmp_path / "vanished.jsonl.gz"
+    CutSet.from_cuts(cuts).to_file(vanished)
+    with pytest.raises(RuntimeError, match=cuts[1].id):
+        compute_features(cfg, vanished, tmp_path / "fbank" / "x.jsonl.gz", 80)
+    assert not (tmp_path / "fbank" / "x.jsonl.gz").exists()
 
 
 def test_config_is_strict():
@@ -491,14 +560,14 @@ def test_speed_perturbation_keeps_labels(corpus, tmp_path):
     assert len(load_cuts(cfg.cuts_path("kespeech", "test"))) == 36  # dev/test not perturbed
 
 
-def test_check_only_cli_and_yaml_configs(corpus, tmp_path):
-    from hdmole.data.prepare import main
+def test_check_step_and_yaml_configs(corpus, tmp_path):
+    from hdmole.bin.prepare import main
 
-    main(["--check-only", "--corpus", "all", "--set", f"corpus_dir={corpus}"])
+    main(["check", f"data.corpus_dir={corpus}"])
     (corpus_copy := _copy(corpus, tmp_path))
     (corpus_copy / "KeSpeech/Tasks/ASR/test/text").write_text("broken\n")
-    with pytest.raises(CorpusError, match=r"test/text:1: utterance id 'broken'"):
-        main(["--check-only", "--corpus", "kespeech", "--set", f"corpus_dir={corpus_copy}"])
+    with pytest.raises(SystemExit, match=r"ERROR: .*test/text:1: utterance id 'broken'"):
+        main(["check", f"data.corpus_dir={corpus_copy}"])
     root = Path(__file__).resolve().parent.parent / "conf/data"
     for name in ("synthetic.yaml", "synthetic_ci.yaml", "real.yaml"):
         import yaml

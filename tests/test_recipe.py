@@ -149,7 +149,7 @@ def test_encoder_cache_fill_leaves_the_random_state_alone(recipe, tmp_path, monk
     monkeypatch.chdir(ROOT)
     cfg = to_object(load_resolved(EXP / "hdmole", []))
     cfg.data = replace(cfg.data, encoder_cache_dir=str(tmp_path / "encoder_out"))
-    cut_sets = [cfg.data.cuts_path(TARGET, "train"), cfg.data.cuts_path(TARGET, "dev")]
+    cut_sets = [cfg.data.feature_cuts_path(TARGET, "train"), cfg.data.feature_cuts_path(TARGET, "dev")]
     for fills in (True, False):  # computed, then loaded from disk
         model, _ = build_model(cfg, "cpu")
         torch.manual_seed(5)

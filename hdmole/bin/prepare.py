@@ -1,8 +1,10 @@
-"""Stages 0-1: corpus, cut sets, tokenizer + tiny checkpoints. Arguments after the step are
+"""Stages 0-1: corpus, cut sets, stored features, tokenizer + tiny checkpoints. Arguments after the step are
 Hydra overrides of the experiment config (the same ones run.sh gives training), e.g.
 
     hdmole-prepare corpus data.synthetic_size=ci data.corpus_dir=data/synthetic_ci/corpus
+    hdmole-prepare check  data.synthetic=false data.kespeech_dir=... data.aishell_dir=...  (checks only)
     hdmole-prepare cuts   data.cuts_dir=data/synthetic_ci/cuts ...
+    hdmole-prepare features data.feature_storage=lilcom_chunky data.feature_dir=... model.encoder_dir=...
     hdmole-prepare tiny   [--text-steps N] model.encoder_dir=data/synthetic_ci/tiny/whisper model.llm_dir=data/synthetic_ci/tiny/qwen
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from hdmole.bin.common import setup_logging
 from hdmole.config import compose_config, to_object
+from hdmole.data.prepare import CorpusError
 
 log = logging.getLogger("hdmole.prepare")
 
@@ -44,6 +47,26 @@ def step_cuts(cfg, **_) -> None:
     from hdmole.data.prepare import prepare
 
     prepare(cfg.data)
+
+
+def step_check(cfg, **_) -> None:
+    """The checks of stage 1 (layout, listings, every wav) without writing anything."""
+    from hdmole.data.prepare import CORPORA, check_corpus
+
+    for corpus in CORPORA:
+        report = check_corpus(corpus, cfg.data)
+        log.info("%s: checks passed; %d audio problems skipped (data.skip_bad), %d files to resample",
+                 corpus, sum(report.dropped.values()), report.resampled)
+
+
+def step_features(cfg, **_) -> None:
+    from hdmole.data.features import compute_all_features
+    from hdmole.model.encoder import encoder_mel_bins
+
+    if cfg.data.feature_storage is None:
+        log.info("data.feature_storage=null: features are computed on the fly, nothing to store")
+        return
+    compute_all_features(cfg.data, encoder_mel_bins(cfg.model.encoder_dir))
 
 
 def training_sentences(cfg) -> list[str]:
@@ -83,7 +106,8 @@ def step_corpus_id(cfg, **_) -> None:
         print(f"real kespeech={data.kespeech_root} aishell={data.aishell_root}")
 
 
-STEPS = {"corpus-id": step_corpus_id, "corpus": step_corpus, "cuts": step_cuts, "tiny": step_tiny}
+STEPS = {"corpus-id": step_corpus_id, "corpus": step_corpus, "check": step_check, "cuts": step_cuts,
+         "features": step_features, "tiny": step_tiny}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,7 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     if step == "tiny" and rest[:1] == ["--text-steps"]:
         kwargs["text_steps"], rest = int(rest[1]), rest[2:]
     cfg = to_object(compose_config(rest))
-    STEPS[step](cfg, **kwargs)
+    try:
+        STEPS[step](cfg, **kwargs)
+    except CorpusError as err:  # names the file and line: the message is the whole story
+        sys.exit(f"ERROR: {err}")
     log.info("prepare %s done in %.1f s", argv[0], time.time() - start)
 
 

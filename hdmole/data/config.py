@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 SAMPLERS = ("bucketing", "simple")
+FEATURE_STORAGES = ("numpy_hdf5", "lilcom_chunky")
 SYNTHETIC_SIZES = ("ci", "default", "large")
 
 
@@ -52,8 +53,13 @@ class DataConfig:
     max_batch_size: Optional[int] = None  # cap on utterances per batch (lhotse max_cuts)
     num_buckets: int = 10
     num_workers: int = 2
-    # Log-mel features are computed once per cut and kept here (None = on the fly).
-    feature_cache_dir: Optional[str] = None
+    # Whisper log-mel computed once in stage 1 and kept in lhotse's feature storage under
+    # feature_dir (hdmole.data.features): "numpy_hdf5" (float16, the loader's own values),
+    # "lilcom_chunky" (compressed to multiples of 2^lilcom_tick_power; smallest) or None
+    # (computed on the fly by the loader: no disk, a few ms per utterance every epoch).
+    feature_storage: Optional[str] = None
+    feature_dir: str = "data/fbank"
+    lilcom_tick_power: int = -8
     # Outputs of a frozen encoder (without SpecAugment) are computed once per cut set and
     # encoder and kept here (hdmole.model.encoder_cache); None = encode every batch. About
     # 50 kB per second of audio for the tiny encoder: leave None for KeSpeech-sized corpora.
@@ -65,6 +71,9 @@ class DataConfig:
                              f"corpus roots, see db.sh); got {self.kespeech_dir!r}, {self.aishell_dir!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"data.sampler={self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.feature_storage is not None and self.feature_storage not in FEATURE_STORAGES:
+            raise ValueError(f"data.feature_storage={self.feature_storage!r}; choose one of "
+                             f"{', '.join(FEATURE_STORAGES)} or null (on the fly)")
         if self.synthetic_size not in SYNTHETIC_SIZES:
             raise ValueError(f"data.synthetic_size={self.synthetic_size!r}; choose one of {', '.join(SYNTHETIC_SIZES)}")
         if not 0 <= self.min_duration < self.max_duration <= self.encoder_max_duration:
@@ -91,6 +100,13 @@ class DataConfig:
     def cuts_path(self, corpus: str, split: str) -> Path:
         """data/cuts/<corpus>_<split>.jsonl.gz, e.g. cuts_path("kespeech", "test")."""
         return Path(self.cuts_dir) / f"{corpus}_{split}.jsonl.gz"
+
+    def feature_cuts_path(self, corpus: str, split: str) -> Path:
+        """The cut set runs read: <feature_dir>/<corpus>_<split>.jsonl.gz, the cuts with their
+        stored features; with feature_storage None the plain cuts (features on the fly)."""
+        if self.feature_storage is None:
+            return self.cuts_path(corpus, split)
+        return Path(self.feature_dir) / f"{corpus}_{split}.jsonl.gz"
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "DataConfig":

@@ -1,14 +1,13 @@
 """Cut sets -> Whisper log-mel -> `hdmole.batch.Batch`, with lhotse samplers (DDP aware).
 
-The same `LogMelExtractor` serves training and decoding; `num_mel_bins` is passed in by the
-caller from the encoder config (`model.num_mel_bins`), never typed here.
+Features come from lhotse's storage (stage 1, `hdmole.data.features`) or are computed on the
+fly with the same extractor; `num_mel_bins` is passed in by the caller from the encoder config
+(`model.num_mel_bins`), never typed here.
 """
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -16,56 +15,7 @@ import torch
 from hdmole.batch import Batch
 from hdmole.data.accents import accent_id
 from hdmole.data.config import DataConfig
-from hdmole.fileio import atomic_output
-
-SAMPLE_RATE = 16000
-HOP_LENGTH = 160  # 100 frames per second
-
-
-class LogMelExtractor:
-    """Whisper-normalised log-mel (transformers' WhisperFeatureExtractor), unpadded: len//160 frames."""
-
-    def __init__(self, num_mel_bins: int) -> None:
-        from transformers import WhisperFeatureExtractor
-
-        self.num_mel_bins = num_mel_bins
-        self._fe = WhisperFeatureExtractor(feature_size=num_mel_bins, sampling_rate=SAMPLE_RATE, hop_length=HOP_LENGTH)
-
-    def __call__(self, samples: np.ndarray) -> np.ndarray:
-        """(num_samples,) float audio at 16 kHz -> (num_mel_bins, num_samples // 160) float32."""
-        feats = self._fe(samples.astype(np.float32), sampling_rate=SAMPLE_RATE, padding="longest",
-                         truncation=False, return_tensors="np")["input_features"][0]
-        return np.ascontiguousarray(feats[:, : samples.shape[0] // HOP_LENGTH], dtype=np.float32)
-
-
-class FeatureCache:
-    """Log-mel per cut on disk (float16 .npy), keyed by cut id, audio file (path, size, mtime),
-    span and mel bins.
-
-    The recipe trains many models on the same cuts; extraction costs ~20 ms per 3 s utterance.
-    Writes are atomic (several DataLoader workers may fill the cache at once).
-    """
-
-    def __init__(self, directory: str | Path, num_mel_bins: int) -> None:
-        self.directory = Path(directory) / f"whisper_logmel_{num_mel_bins}"
-
-    def path(self, cut) -> Path:
-        source = cut.recording.sources[0].source if cut.has_recording else ""
-        # The file's size and mtime: a regenerated corpus at the same paths gets new entries.
-        st = os.stat(source) if source and os.path.isfile(source) else None
-        stamp = f"{st.st_size}:{st.st_mtime_ns}" if st else ""
-        key = f"{cut.id}|{source}|{stamp}|{cut.start:.4f}|{cut.duration:.4f}|{cut.sampling_rate}"
-        digest = hashlib.sha1(key.encode("utf-8")).hexdigest()
-        return self.directory / digest[:2] / f"{digest}.npy"
-
-    def get_or_compute(self, cut, compute: Callable[[], np.ndarray]) -> np.ndarray:
-        path = self.path(cut)
-        if path.exists():
-            return np.load(path).astype(np.float32)
-        feats = compute()
-        with atomic_output(path) as tmp:
-            np.save(tmp, feats.astype(np.float16))
-        return feats.astype(np.float16).astype(np.float32)  # same values as a later cache hit
+from hdmole.data.features import SAMPLE_RATE, LogMelExtractor, load_cut_features
 
 
 def _cut_audio(cut) -> np.ndarray:
@@ -82,15 +32,17 @@ def cut_accent(cut) -> int:
 
 
 class AsrDataset(torch.utils.data.Dataset):
-    """Map-style dataset for lhotse samplers: a CutSet (one batch) -> Batch."""
+    """Map-style dataset for lhotse samplers: a CutSet (one batch) -> Batch. Features are read
+    from lhotse's storage (`precomputed`, stage 1) or computed from the audio."""
 
-    def __init__(self, num_mel_bins: int, feature_cache_dir: Optional[str] = None) -> None:
-        self.extractor = LogMelExtractor(num_mel_bins)
-        self.cache = FeatureCache(feature_cache_dir, num_mel_bins) if feature_cache_dir else None
+    def __init__(self, num_mel_bins: int, precomputed: bool = False) -> None:
+        self.num_mel_bins = num_mel_bins
+        self.extractor = None if precomputed else LogMelExtractor(num_mel_bins)
 
     def features(self, cut) -> np.ndarray:
-        compute = lambda: self.extractor(_cut_audio(cut))  # noqa: E731
-        return self.cache.get_or_compute(cut, compute) if self.cache else compute()
+        if self.extractor is None:
+            return load_cut_features(cut, self.num_mel_bins)
+        return self.extractor(_cut_audio(cut))
 
     def __getitem__(self, cuts) -> Batch:
         return collate([c.id for c in cuts], [self.features(c) for c in cuts], [cut_accent(c) for c in cuts],
@@ -146,7 +98,7 @@ def load_cuts(path: str | Path):
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no cut set {path}; run the preparation stage (python -m hdmole.data.prepare)")
+        raise FileNotFoundError(f"no cut set {path}; run stage 1 (python -m hdmole.bin.prepare cuts/features)")
     return load_manifest_lazy(path)
 
 
@@ -166,5 +118,5 @@ def make_dataloader(cuts, cfg: DataConfig, num_mel_bins: int, shuffle: bool, ran
     sampler = SAMPLER_FACTORIES[cfg.sampler](cuts, cfg, shuffle=shuffle, drop_last=drop_last,
                                              world_size=world_size, rank=rank or 0, seed=seed)
     workers = cfg.num_workers if num_workers is None else num_workers
-    return torch.utils.data.DataLoader(AsrDataset(num_mel_bins, cfg.feature_cache_dir), sampler=sampler,
+    return torch.utils.data.DataLoader(AsrDataset(num_mel_bins, cfg.feature_storage is not None), sampler=sampler,
                                        batch_size=None, num_workers=workers, persistent_workers=False)

@@ -10,12 +10,10 @@
     -> normalise text (hdmole.data.text), filter, keep supervision.language (the accent)
     -> data/cuts/<corpus>_<split>.jsonl.gz + <corpus>_stats.{json,md}; an empty split is an error.
 
-CLI (standalone; run.sh stage 1 runs `python -m hdmole.bin.prepare cuts` with the experiment config):
-    python -m hdmole.data.prepare --corpus all [--config conf/data/x.yaml] [--set key=value ...] [--check-only]
+Entry point: `python -m hdmole.bin.prepare cuts|check [hydra overrides]` (run.sh stage 1).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -456,7 +454,7 @@ def _check(corpus: str, cfg: DataConfig, report: PrepReport, write_stats: bool) 
 
 def check_corpus(corpus: str, cfg: DataConfig) -> PrepReport:
     """Only the checks (layout, listings, audio), without writing anything: the standalone
-    pre-check of a real corpus (`python -m hdmole.data.prepare --check-only`); run.sh checks the
+    pre-check of a real corpus (`python -m hdmole.bin.prepare check`); run.sh checks the
     layout in stage 0 and everything in stage 1."""
     report = PrepReport(corpus)
     _check(corpus, cfg, report, write_stats=False)
@@ -579,35 +577,3 @@ def _write_stats(report: PrepReport, cfg: DataConfig) -> None:
 
 def prepare(cfg: DataConfig, corpora: Sequence[str] = ("aishell", "kespeech")) -> dict[str, PrepReport]:
     return {corpus: prepare_corpus(corpus, cfg) for corpus in corpora}
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    import yaml
-
-    parser = argparse.ArgumentParser(description="Prepare KeSpeech/AISHELL cut sets (see docs/data.md)")
-    parser.add_argument("--corpus", choices=[*CORPORA, "all"], default="all")
-    parser.add_argument("--config", help="a conf/data/*.yaml file (DataConfig fields)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="DataConfig overrides (YAML values)")
-    parser.add_argument("--check-only", action="store_true", help="only check layout, Kaldi files and audio")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    values = {}
-    if args.config:
-        text = Path(args.config).read_text(encoding="utf-8")
-        values = {k: v for k, v in (yaml.safe_load(text) or {}).items()}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        values[key] = yaml.safe_load(value)
-    cfg = DataConfig.from_dict(values, source=args.config or "--set")
-    corpora = list(CORPORA) if args.corpus == "all" else [args.corpus]
-    if args.check_only:
-        for corpus in corpora:
-            report = check_corpus(corpus, cfg)
-            log.info("%s: checks passed; %d audio problems skipped, %d files to resample",
-                     corpus, sum(report.dropped.values()), report.resampled)
-        return
-    prepare(cfg, corpora)
-
-
-if __name__ == "__main__":
-    main()

@@ -62,6 +62,12 @@ def _read_encoder_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def encoder_mel_bins(path: str | Path) -> int:
+    """Mel bins the Whisper checkpoint in `path` takes (80; 128 for large-v3): what the data
+    side's features must have."""
+    return WhisperConfig.from_pretrained(_require_dir(path, "encoder")).num_mel_bins
+
+
 def load_whisper_encoder(path: str | Path, dtype: torch.dtype, attn_implementation: str = "sdpa") -> WhisperEncoder:
     """Build a WhisperEncoder from a local checkpoint without materialising the decoder."""
     path = _require_dir(path, "encoder")

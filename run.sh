@@ -18,7 +18,7 @@ exp_tag=""         # experiment root exp/<tag>; default <corpus>_<size>_<model>
 nj=2               # parallel jobs for data preparation
 ngpu=0             # 0: CPU (or one GPU if present); N > 1: torchrun with N processes per node
 nnodes=1           # nodes; > 1: torchrun on every node with MASTER_ADDR, MASTER_PORT, NODE_RANK set
-train_base=auto    # auto: shipped base if it matches the corpus, else train unless up to date | true: retrain | false: reuse
+train_base=auto    # auto: shipped base if it matches the corpus, else train (skipped when up to date) | true: retrain | false: reuse
 pretrained=pretrained  # the shipped tiny base (HF layout, docs/base_model.md); "" = never use it
 seed=0             # synthetic corpus seed
 lm_text_steps=0    # tiny LM text pre-training steps in stage 1 (2 CPU cores: ~0.3-2 s each)
@@ -43,7 +43,8 @@ help_message="Usage: $0 [options]
                                MASTER_ADDR, MASTER_PORT (default 29500) and NODE_RANK (0..N-1) set
                                and exp/ on a shared file system (docs/scaling.md)
   --train-base auto|true|false train the base model in stage 2 (auto: use the shipped tiny base
-                               when it matches the corpus version, else train unless one exists)
+                               when it matches the corpus version, else train, skipped when the
+                               base trained here is up to date; false: the existing base)
   --pretrained DIR             shipped tiny base model (default: pretrained; \"\" = never use it)
   --seed N                     synthetic corpus seed (default 0)
   --lm-text-steps N            tiny LM text pre-training steps in stage 1 (default 0)
@@ -202,40 +203,42 @@ if want 2; then
         rm -rf "${exp_root}/.done/stage2" "${exp_root}/.done/stage2_encoder" "${base_dir}" \
             "${exp_root}/base_model_encoder"  # retrain from scratch on request
     fi
-    key="$(cat "${data_root}/.done/stage1_tiny" 2>/dev/null) ${base_hash} ${base_args}"
     corpus_key="$(cat "${data_root}/.done/stage0" 2>/dev/null || true)"
-    use_pretrained=false
-    # The shipped base unless this corpus's own base is trained and up to date (or on request).
-    if [ "${train_base}" = auto ] && [ "${model}" = tiny ] && [ -n "${pretrained}" ] \
-        && [ "$(cat "${exp_root}/.done/stage2" 2>/dev/null)" != "${key}" ] && [ -f "${pretrained}/CORPUS_VERSION" ]; then
-        if python -m hdmole.bin.pretrained matches "${pretrained}" --corpus "${corpus_key}"; then
-            use_pretrained=true
-        else
-            log "shipped base ${pretrained} does not match corpus '${corpus_key}': training the base"
-        fi
-    fi
-    if [ "${train_base}" = false ]; then
-        [ -f "${base_dir}/model/done" ] || die "--train-base false but no finished base model in ${base_dir}"
-        log "using the existing base model in ${base_dir}"
-    elif [ "${use_pretrained}" = true ]; then
-        log "using the shipped base model ${pretrained} ($(cat "${pretrained}/CORPUS_VERSION"))"
-        install_base() { rm -rf "${base_dir}" && python -m hdmole.bin.pretrained install "$@"; }
-        run_stage "${exp_root}/.done/stage2" "pretrained $(cat "${pretrained}"/CORPUS_VERSION "${pretrained}"/*.json \
-            "${pretrained}"/*.safetensors "${pretrained}"/*/*.safetensors | sha256sum | cut -c1-16) ${corpus_key}" \
-            install_base "${pretrained}" "${base_dir}" "${common_overrides[@]}" --corpus "${corpus_key}"
-    elif [ "${model}" = tiny ]; then
-        # (a) encoder + CTC head; (b) encoder frozen, projector + LLM (staged: docs/base_model.md).
-        # shellcheck disable=SC2086
-        run_stage "${exp_root}/.done/stage2_encoder" "${key}" "${train_cmd[@]}" "${common_overrides[@]}" \
-            experiment=base_encoder "exp_dir=${exp_root}/base_model_encoder" ${base_args}
-        # shellcheck disable=SC2086
-        run_stage "${exp_root}/.done/stage2" "${key}" "${train_cmd[@]}" "${common_overrides[@]}" \
-            experiment=base_llm "exp_dir=${base_dir}" "train.init_from=${exp_root}/base_model_encoder" ${base_args}
-    else
-        # shellcheck disable=SC2086
-        run_stage "${exp_root}/.done/stage2" "$(cat "${data_root}/.done/stage1" 2>/dev/null) ${base_hash} ${base_args}" \
-            "${train_cmd[@]}" "${common_overrides[@]}" experiment=base_projector "exp_dir=${base_dir}" ${base_args}
-    fi
+    # A base trained here is keyed on its input (the tiny checkpoints or the cut sets) and settings.
+    base_input="${data_root}/.done/stage1"
+    if [ "${model}" = tiny ]; then base_input="${data_root}/.done/stage1_tiny"; fi
+    [ -f "${base_input}" ] || die "no ${base_input}: run stage 1"
+    base_key="$(cat "${base_input}") ${base_hash} ${base_args}"
+    # The existing base, the shipped one or one trained here: decided once (docs/base_model.md).
+    plan="$(python -m hdmole.bin.pretrained plan-base "--train-base=${train_base}" "--model=${model}" \
+        "--pretrained=${pretrained}" "--corpus=${corpus_key}" "--base-dir=${base_dir}" \
+        "--marker=${exp_root}/.done/stage2" "--key=${base_key}")"
+    log "base model: ${plan%% *} (${plan#* })"
+    case "${plan%% *}" in
+        existing) ;;  # plan-base checked that it is finished
+        shipped)
+            run_stage "${exp_root}/.done/stage2" "pretrained $(cat "${pretrained}"/CORPUS_VERSION "${pretrained}"/*.json \
+                "${pretrained}"/*.safetensors "${pretrained}"/*/*.safetensors | sha256sum | cut -c1-16) ${corpus_key}" \
+                python -m hdmole.bin.pretrained install "${pretrained}" "${base_dir}" "${common_overrides[@]}" \
+                --corpus "${corpus_key}"
+            ;;
+        train)
+            if [ "${model}" = tiny ]; then
+                # (a) encoder + CTC head; (b) encoder frozen, projector + LLM (staged: docs/base_model.md).
+                # shellcheck disable=SC2086
+                run_stage "${exp_root}/.done/stage2_encoder" "${base_key}" "${train_cmd[@]}" "${common_overrides[@]}" \
+                    experiment=base_encoder "exp_dir=${exp_root}/base_model_encoder" ${base_args}
+                # shellcheck disable=SC2086
+                run_stage "${exp_root}/.done/stage2" "${base_key}" "${train_cmd[@]}" "${common_overrides[@]}" \
+                    experiment=base_llm "exp_dir=${base_dir}" "train.init_from=${exp_root}/base_model_encoder" ${base_args}
+            else
+                # shellcheck disable=SC2086
+                run_stage "${exp_root}/.done/stage2" "${base_key}" "${train_cmd[@]}" "${common_overrides[@]}" \
+                    experiment=base_projector "exp_dir=${base_dir}" ${base_args}
+            fi
+            ;;
+        *) die "unexpected base plan: ${plan}" ;;
+    esac
     stage_time 2 "${t0}"
 fi
 

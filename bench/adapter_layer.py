@@ -16,12 +16,13 @@ global accent router alone (once per model and batch, not per layer).
     python bench/adapter_layer.py --kernel-table "hdmole layer"     # CUDA: kernels of rows
 
 On CUDA each row is also timed as a CUDA-graph replay (its GPU time without host costs) and
-the header gives what one small eager op costs the host. Each row says which path it took
-(fused.py: "fused layer", "fused layer (compiled)", or the generic path's routing "compiled"
-/ "eager"; AdapterConfig.compile="auto" compiles routed layers on CUDA during training, a
-compile failure falls back to eager with a warning and shows here). By default only the
-HDMoLE rows use compile=auto (--compile-rows all: every routed row), which keeps the
-Inductor warm-up short.
+the header gives what one small eager op costs the host. Each row says which path its layer
+took (MoLoRALinear.path: "fused layer" or "generic path", "(compiled)" when its arithmetic
+was; AdapterConfig.compile="auto" compiles routed layers on CUDA during training, a compile
+failure falls back to eager with a warning and shows here). The "generic path" rows run
+HDMoLE's layer on the path every other strategy takes (inject(..., fused_layer=False)), next
+to the fused layer. By default only the HDMoLE rows use compile=auto (--compile-rows all:
+every routed row), which keeps the Inductor warm-up short.
 
 The paper shape is 16,384 tokens (16 x 1024), 6400 -> 2048 (the projector's first linear
 after 5-frame concatenation of a 1280-d Whisper encoder), 8 experts of rank 8.
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hdmole.adapters import AdapterConfig, fused, inject
+from hdmole.adapters import AdapterConfig, MoLoRALinear, fused, inject
 from hdmole.adapters.selection import threshold_weights
 
 SHAPES = {  # batch, tokens per utterance, d_in, d_out, experts, rank, encoder dim, frames
@@ -238,6 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.manual_seed(0)
         return nn.Linear(d_in, d_out, device=device, dtype=dtype).requires_grad_(False)
 
+    row_layers: dict[Callable[[], None], MoLoRALinear] = {}  # a row's adapted layer
+
     def layer_step(module: nn.Module, context: Callable[[], object] | None) -> Callable[[], None]:
         params = [p for p in module.parameters() if p.requires_grad]
         # Each row its own input leaf: a graph another row keeps alive (its routing state's
@@ -255,11 +258,14 @@ def main(argv: list[str] | None = None) -> dict:
                 with context():
                     y = module(row_x)
             y.backward(grad_out)
+        if isinstance(getattr(module, "linear1", None), MoLoRALinear):
+            row_layers[step] = module.linear1
         return step
 
-    def adapted(cfg: AdapterConfig):
+    def adapted(cfg: AdapterConfig, fused_layer: bool = True):
         module = Wrap(fresh_base())
-        handle = inject(module, cfg, num_accents=experts, accent_feature_dim=shape["feature_dim"])
+        handle = inject(module, cfg, num_accents=experts, accent_feature_dim=shape["feature_dim"],
+                        fused_layer=fused_layer)
         handle.to(device)
         with torch.no_grad():  # non-zero B: the same work as after the first update
             for layer in handle.layers.values():
@@ -285,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
     # model opens one per batch for all its layers: its cost is the global router row).
     # Their log g is a leaf, so each step still computes the layer's gradient w.r.t. it.
     # The other hdmole rows open the block (global router forward) in every step.
-    for name, cfg, stats, stack, per_layer in (
+    for name, cfg, stats, fused_layer, per_layer in (
             ("hdmole layer (default)", base_cfg, False, True, True),
             ("hdmole layer (fused, eager)", replace(base_cfg, compile="false"), False, True, True),
             ("hdmole layer (generic path)", base_cfg, False, False, True),
@@ -296,10 +302,8 @@ def main(argv: list[str] | None = None) -> dict:
             ("hdmole + block + statistics", base_cfg, True, True, False),
             ("hdmole + block, balance+z loss", replace(
                 base_cfg, lambda_balance=0.01, lambda_z=0.001), False, True, False)):
-        module, handle = adapted(cfg)
+        module, handle = adapted(cfg, fused_layer)
         handle.statistics_enabled = stats
-        for layer in handle.layers.values():
-            layer.stack_base = stack
         if per_layer:
             block = handle.routing(pooled_features, None, labels, token_mask)
             block.__enter__()
@@ -338,10 +342,9 @@ def main(argv: list[str] | None = None) -> dict:
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        fused.last_path = "-"
         for _ in range(warmup):
             step()
-        paths[name] = fused.last_path
+        paths[name] = row_layers[step].path(x) if step in row_layers else "-"
         if cuda:
             torch.cuda.synchronize()
         peaks[name] = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
@@ -368,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
             graph_samples[name].append(measure(device, replay, iters))
     pick = statistics.median if cuda else min
     results = [{"name": name, "ms": pick(samples[name]), "peak_mib": peaks[name],
-                "routing_path": paths[name], "samples_ms": samples[name],
+                "path": paths[name], "samples_ms": samples[name],
                 "graph_ms": pick(graph_samples[name]) if name in graph_samples else None,
                 "graph_error": graph_errors.get(name), **counts.get(name, {})} for name, _ in rows]
     base_ms, base_graph_ms = results[0]["ms"], results[0]["graph_ms"]
@@ -387,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict:
     graphs = bool(replays)
     print(f"{'layer':<34}{'ms':>10}{'x base':>9}" + (f"{'peak MiB':>11}" if cuda else "")
           + (f"{'graph ms':>10}{'x base':>9}" if graphs else "")
-          + (f"{'aten ops':>10}{'kernels':>9}" if args.profile else "") + "  routing")
+          + (f"{'aten ops':>10}{'kernels':>9}" if args.profile else "") + "  path")
     for row in results:
         line = f"{row['name']:<34}{row['ms']:>10.3f}{row['ratio_to_base']:>9.2f}"
         if cuda:
@@ -398,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
                      if row["graph_ratio_to_base"] is not None else f"{'-':>9}")
         if args.profile:
             line += f"{row['aten_ops']:>10}{row['cuda_kernels'] if cuda else '-':>9}"
-        print(line + "  " + row["routing_path"])
+        print(line + "  " + row["path"])
     for name, error in graph_errors.items():
         print(f"# {name}: not captured in a CUDA graph ({error})")
     if fused.compile_error() is not None:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from hdmole.adapters import AdapterConfig, inject
+from hdmole.adapters.fused import input_rows
 from hdmole.adapters.selection import SELECTION_REGISTRY
 
 A = 4  # accents (= experts for hierarchical modes)
@@ -41,13 +42,14 @@ ROUTINGS = [(s, "learned", "prior") for s in SELECTION_REGISTRY] + [
 
 
 def make(selection="threshold", global_router="learned", combine="prior", seed=0,
-         randomise=True, **overrides):
+         randomise=True, fused_layer=True, **overrides):
     torch.manual_seed(seed)
     overrides.setdefault("dropout", 0.0)
     cfg = AdapterConfig(selection=selection, global_router=global_router, combine=combine,
                         **overrides)
     module = Projector()
-    handle = inject(module, cfg, num_accents=A, accent_feature_dim=D_FEAT)
+    handle = inject(module, cfg, num_accents=A, accent_feature_dim=D_FEAT,
+                    fused_layer=fused_layer)
     if randomise:  # B = 0 at init would hide every expert path
         with torch.no_grad():
             for p in handle.trainable_parameters().values():
@@ -186,19 +188,16 @@ def test_uniform_dense_mixture_is_the_total_rank_lora():
 
 
 @pytest.mark.parametrize("selection,global_router,combine", ROUTINGS)
-def test_zero_init_is_the_base_layer(selection, global_router, combine):
+@pytest.mark.parametrize("fused_layer", [True, False])
+def test_zero_init_is_the_base_layer(selection, global_router, combine, fused_layer):
     torch.manual_seed(0)
     reference = Projector()
     module = Projector()
     module.load_state_dict(reference.state_dict())
     cfg = AdapterConfig(selection=selection, global_router=global_router, combine=combine)
-    handle = inject(module, cfg, num_accents=A, accent_feature_dim=D_FEAT)
+    handle = inject(module, cfg, num_accents=A, accent_feature_dim=D_FEAT,
+                    fused_layer=fused_layer)
     x, feats, fmask, labels, tmask = batch()
-    with handle.routing(feats, fmask, labels, tmask):
-        # stacked [W0; A; R] product: same sums, other blocking -> fp32 rounding only
-        assert torch.allclose(module(x), reference(x), rtol=1e-6, atol=1e-6)
-    for layer in handle.layers.values():
-        layer.stack_base = False
     with handle.routing(feats, fmask, labels, tmask):
         assert torch.equal(module(x), reference(x))  # B = 0: exactly the base layer
 
@@ -217,7 +216,7 @@ def _selection(name: str, e: int, tau_logit: float = 0.0):
 def test_at_least_one_expert_is_active(e, logits, tau_logit, name):
     sel = _selection(name, e, tau_logit)
     p = torch.tensor(logits[:e]).softmax(-1).unsqueeze(0)
-    extra = torch.tensor([[tau_logit]]) if sel.extra_rows else None
+    extra = torch.tensor([[tau_logit]]) if input_rows(sel) is not None else None
     w, _ = sel(p, extra)
     assert torch.isfinite(w).all() and (w >= 0).all()
     assert (w > 0).sum() >= 1
@@ -493,15 +492,14 @@ def test_fused_layer_and_generic_path_agree_in_value_and_gradient(selection, glo
     (StackedLinear + route_and_gate, autograd), float64, with every loss that reaches p and
     the logits, padding, and in training the same dropout mask (same seed)."""
     results = []
-    for stack in (True, False):
+    for fused_layer in (True, False):
         module, handle = make(selection, global_router, combine, method=method,
-                              dropout=0.3 if train else 0.0, lambda_balance=0.01,
-                              lambda_z=0.01, lambda_accent=0.1)
+                              fused_layer=fused_layer, dropout=0.3 if train else 0.0,
+                              lambda_balance=0.01, lambda_z=0.01, lambda_accent=0.1)
         module.double().train(train)
         handle.double()
         for layer in handle.layers.values():
-            layer.stack_base = stack
-            assert layer.fusable == stack
+            assert layer.fusable == fused_layer
         x, feats, fmask, labels, tmask = batch()
         x = x.double().requires_grad_(True)
         torch.manual_seed(5)
@@ -518,18 +516,25 @@ def test_fused_layer_and_generic_path_agree_in_value_and_gradient(selection, glo
         assert g1[n] is not None and torch.allclose(g1[n], g2[n], atol=1e-12), n
 
 
-def test_threshold_contract_errors_name_the_strategy():
-    """threshold() / threshold_logit() on strategies that have none: a clear error, not a
-    silent fallback (the fused layer relies on threshold_logit for its tau)."""
+def test_threshold_contract_names_the_strategy_and_only_per_layer_thresholds_fuse():
+    """threshold() on a strategy without one: a clear error, not a silent fallback; the
+    fused layer computes tau itself (layer_threshold) only for per-layer thresholds."""
+    from hdmole.adapters.fused import layer_threshold
     _, handle = make("topk")
-    selection = handle.layers["linear1"].selection
+    layer = handle.layers["linear1"]
     with pytest.raises(NotImplementedError, match="TopKSelection has no threshold"):
-        selection.threshold(None, torch.float32)
-    with pytest.raises(NotImplementedError, match="TopKSelection has no per-layer threshold"):
-        selection.threshold_logit()
+        layer.selection.threshold(None, torch.float32)
+    assert layer_threshold(layer.selection) is None and not layer.fusable
     _, handle = make("token_threshold", "none", "local")  # per token: not a per-layer tau
-    with pytest.raises(NotImplementedError, match="TokenThresholdSelection has no per-layer"):
-        handle.layers["linear1"].selection.threshold_logit()
+    layer = handle.layers["linear1"]
+    assert layer_threshold(layer.selection) is None and not layer.fusable
+    for selection in ("threshold", "fixed_threshold"):
+        _, handle = make(selection)
+        layer = handle.layers["linear1"]
+        logit, scale = layer_threshold(layer.selection)
+        tau = scale if logit is None else scale * torch.sigmoid(logit)
+        assert torch.equal(torch.as_tensor(tau).float(),
+                           layer.selection.threshold(None, torch.float32)) and layer.fusable
 
 
 def test_fused_layer_is_one_autograd_node_over_its_leaves():
@@ -558,7 +563,7 @@ def test_fused_layer_backward_passes_gradcheck(routed, bias, masked, x_grad):
     """FusedLayer's hand-written backward against finite differences, every input that can
     have a gradient (x, W0, b0, A, R, B, log g, beta, threshold logit), p and logits used
     downstream."""
-    from hdmole.adapters.fused import FusedLayer, LayerSpec
+    from hdmole.adapters.fused import LayerInputs, LayerSpec, run_fused_layer
     g = torch.Generator().manual_seed(4)
     e, r, b, t, d_in, d_out = 3, 2, 2, 3, 5, 4
     f64 = torch.float64
@@ -578,8 +583,8 @@ def test_fused_layer_backward_passes_gradcheck(routed, bias, masked, x_grad):
     spec = LayerSpec(f64, 1.5, r, 0.3, False)  # tau = 0.3 sigmoid(tau_logit)
 
     def f(x, w0, b0, lora_a, router, lora_b, log_g, beta, tau_logit):
-        y, p, w, logits, total = FusedLayer.apply(x, w0, b0, lora_a, router, lora_b, mask,
-                                                  log_g, beta, tau_logit, spec)
+        y, p, w, logits, total = run_fused_layer(
+            LayerInputs(x, w0, b0, lora_a, router, lora_b, mask, log_g, beta, tau_logit), spec)
         if not routed:
             assert p is None and w is None and logits is None and total is None
             return y
@@ -674,15 +679,13 @@ def adapter_bench():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("compile,stack_base", [("false", True), ("auto", False)])
-def test_cuda_graph_replay_of_forward_and_backward_matches_eager(compile, stack_base):
+@pytest.mark.parametrize("compile,fused_layer", [("false", True), ("auto", False)])
+def test_cuda_graph_replay_of_forward_and_backward_matches_eager(compile, fused_layer):
     # bench/adapter_layer.py times the layer's GPU work as a graph replay: it must be the
     # same computation (eager routing inside the capture, finite flags dropped there).
     # compile=auto on the generic path: the step below runs compiled; the capture (and its
     # warm-up, fused.eager) eager, which the bench once failed to capture.
-    module, handle = make("threshold", compile=compile)
-    for layer in handle.layers.values():
-        layer.stack_base = stack_base
+    module, handle = make("threshold", compile=compile, fused_layer=fused_layer)
     module.cuda()
     handle.cuda()
     x, feats, fmask, labels, tmask = (t.cuda() for t in batch())
@@ -751,12 +754,12 @@ def test_compiled_routing_equals_eager_in_value_gradient_and_statistics(
         module.double()
         handle.double()
         runs.append(_run_float64(handle, module, x))
-        fusable = handle.layers["linear1"].fusable
-        assert fusable == (selection in ("threshold", "fixed_threshold")
-                           and combine in ("prior", "local"))
+        layer = handle.layers["linear1"]
+        assert layer.fusable == (selection in ("threshold", "fixed_threshold")
+                                 and combine in ("prior", "local"))
         compiled = " (compiled)" if mode == "true" else ""
-        assert traced_compile.last_path == (f"fused layer{compiled}" if fusable else
-                                            "compiled" if mode == "true" else "eager")
+        path = "fused layer" if layer.fusable else "generic path"
+        assert layer.path(x) == path + compiled
     (y0, gx0, g0, s0), (y1, gx1, g1, s1) = runs
 
     def same(u, v):  # float64 rounding only: relative to the tensor's scale
@@ -775,7 +778,7 @@ def test_compile_auto_is_eager_on_cpu_and_a_compile_failure_falls_back(traced_co
     module, handle = make("dense", compile="auto")  # not fusable: generic routing
     with handle.routing(*batch()[1:]):
         want = module(x)
-    assert traced_compile.last_path == "eager"
+    assert module.linear1.path(x) == "generic path"
 
     def broken_backend(graph, example_inputs):
         raise RuntimeError("no compiler here")
@@ -783,27 +786,28 @@ def test_compile_auto_is_eager_on_cpu_and_a_compile_failure_falls_back(traced_co
     monkeypatch.setattr(traced_compile, "COMPILE_BACKEND", broken_backend)
     for layer in handle.layers.values():
         layer.compile_mode = "true"
+    assert module.linear1.path(x) == "generic path (compiled)"
     with pytest.warns(RuntimeWarning, match="falling back to eager"):
         with handle.routing(*batch()[1:]):
             got = module(x)
-    assert traced_compile.last_path.startswith("eager (compile failed")
+    assert "no compiler here" in traced_compile.compile_error()
+    assert module.linear1.path(x) == "generic path"  # eager for the rest of the process
     assert torch.equal(got, want)
 
 
 def test_eager_context_overrides_compile_and_nests(traced_compile):
     x = batch()[0]
     module, handle = make("threshold", compile="true")
+    layer = module.linear1
     with handle.routing(*batch()[1:]):
         compiled = module(x)
-        assert traced_compile.last_path == "fused layer (compiled)"
+        assert layer.path(x) == "fused layer (compiled)"
         with traced_compile.eager():
             with traced_compile.eager():
                 module(x)
-            assert traced_compile.last_path == "fused layer"
+            assert layer.path(x) == "fused layer"
             eager = module(x)
-            assert traced_compile.last_path == "fused layer"
-        module(x)
-        assert traced_compile.last_path == "fused layer (compiled)"
+        assert layer.path(x) == "fused layer (compiled)"
     assert torch.allclose(eager, compiled, atol=1e-5)
 
 
@@ -817,7 +821,7 @@ def test_compile_config_key_is_strict():
 @pytest.mark.parametrize("per_token_tau,prior", [(False, True), (True, False), (True, True)])
 def test_threshold_gate_backward_passes_gradcheck(per_token_tau, prior):
     """The hand-written backward of the fused eager kernel against finite differences."""
-    from hdmole.adapters.fused import ThresholdGate
+    from hdmole.adapters.fused import GateInputs, run_threshold_gate
     g = torch.Generator().manual_seed(3)
     e, r, b, t = 4, 2, 2, 3
 
@@ -833,8 +837,8 @@ def test_threshold_gate_backward_passes_gradcheck(per_token_tau, prior):
     d_p = torch.randn(b, t, e, generator=g, dtype=torch.float64)  # a load-balance-like use of p
 
     def f(a, logits, log_g, beta, tau):
-        gated, p, _ = ThresholdGate.apply(a, logits, log_g if prior else None,
-                                          beta if prior else None, tau, 2.0, r)
+        inputs = GateInputs(a, logits, log_g if prior else None, beta if prior else None, tau)
+        gated, p, _ = run_threshold_gate(inputs, 2.0, r)
         return gated, (p * d_p).sum()
 
     assert torch.autograd.gradcheck(f, (a, logits, log_g, beta, tau), atol=1e-8)
@@ -875,12 +879,11 @@ def test_pending_finite_flags_are_polled_without_waiting_and_checked_on_demand()
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("selection,modes,paths", [
-    ("dense", ("false", "auto"), ("eager", "compiled")),
+    ("dense", ("false", "auto"), ("generic path", "generic path (compiled)")),
     ("threshold", ("false", "auto"), ("fused layer", "fused layer (compiled)"))])
 def test_cuda_compiled_routing_matches_eager(selection, modes, paths):
     """The default CUDA training paths (compile=auto: Inductor/Triton) against eager, fp32:
     the generic path's routing (dense) and the fused layer (HDMoLE's default)."""
-    from hdmole.adapters import fused
     x, feats, fmask, labels, tmask = (t.cuda() for t in batch())
     runs = []
     for mode in modes:
@@ -891,7 +894,7 @@ def test_cuda_compiled_routing_matches_eager(selection, modes, paths):
             y = module(x)
         (y.square().sum() + sum(handle.auxiliary_losses().values())).backward()
         runs.append((y.detach(), {k: p.grad for k, p in handle.trainable_parameters().items()},
-                     fused.last_path))
+                     module.linear1.path(x)))
     (y0, g0, path0), (y1, g1, path1) = runs
     assert (path0, path1) == paths
 

@@ -1,18 +1,20 @@
 """The arithmetic of one MoLoRALinear call, as pure functions run eagerly or through
-torch.compile (AdapterConfig.compile), and the autograd nodes around them.
+torch.compile (AdapterConfig.compile), and the autograd nodes around them. A call takes one
+of two paths (MoLoRALinear.path says which; docs/method.md section 6b):
 
-- FusedLayer: the whole call (base product, adapter rows, threshold, routing, B product) as
-  ONE autograd node with a hand-written backward, for plain LoRA and for softmax-of-logits
-  combinations with a per-layer threshold (HDMoLE's default). Its arithmetic is
+- the fused layer (FusedLayer): the whole call (base product, adapter rows, threshold,
+  routing, B product) as ONE autograd node with a hand-written backward, for plain LoRA and
+  for softmax-of-logits combinations with a per-layer threshold (HDMoLE's default,
+  `layer_threshold`). It exists for speed on large layers: at the paper shape a layer is
+  bound by the host's cost per op, autograd record and kernel launch, and the node issues
+  about 60 plain ops per forward+backward where autograd records ~150. Its arithmetic is
   layer_forward / layer_backward; the routing part is gate_forward / gate_backward.
-- The generic path's routing (route_and_gate: any combination and selection) under
-  ordinary autograd; its thresholded softmax-of-logits form runs as ThresholdGate (the same
-  gate_forward / gate_backward).
+- the generic path (StackedLinear in layer.py, route_and_gate here, addmm) under ordinary
+  autograd: every combination and selection, the reference the fused layer is tested
+  against (MoLoRALinear(fused_layer=False) runs fusable layers on it too). Its thresholded
+  softmax-of-logits routing runs as ThresholdGate (the same gate_forward / gate_backward).
 
-At the paper shape the routing tensors are small ((16384, 8) fp32) and a layer is bound by
-the host's cost per op and kernel launch, which is what both the single node and the compiled
-arithmetic (a few fused Triton kernels each way) save. docs/method.md section 6b has the
-measurements. The arithmetic is the same on every path; tests compare them in float64.
+The arithmetic is the same on both paths; tests compare them in float64.
 
 compile = "auto": routed layers compiled on CUDA when gradients are enabled (training), eager
 otherwise (CPU, inference, CUDA-graph capture, inside `eager()`); "true": compiled wherever
@@ -22,6 +24,7 @@ eager for the rest of the process.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import types
 import warnings
 from typing import Callable, NamedTuple
@@ -31,19 +34,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .routing import Combination
-from .selection import Selection
+from .selection import (FixedThresholdSelection, LayerThresholdSelection, Selection,
+                        ThresholdSelection, TokenThresholdSelection)
 
 # Backend of torch.compile; tests set "aot_eager" (traces and differentiates the graph like
 # Inductor but needs no C++/Triton compiler).
 COMPILE_BACKEND = "inductor"
 
-# Compiled copies of route_and_gate / layer_forward / layer_backward (_compiled_copy).
+# Process-wide on purpose: the compiled copies of route_and_gate / layer_forward /
+# layer_backward are a cache (_compiled_copy: compiling takes seconds, every layer of a
+# variant reuses one copy); a compile failure says the compiler does not work in this process
+# (every later call runs eager); `eager()` nests like torch.no_grad.
 _compiled: dict[tuple, Callable] = {}
 _compile_error: str | None = None
 _eager_depth = 0  # > 0 inside `eager()`
-# Which path the last call took: "fused layer" (FusedLayer), or the routing of the generic
-# path: "compiled", "eager" or "eager (compile failed: ...)".
-last_path: str = "none"
 
 
 def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -56,38 +60,75 @@ def routing_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+# ----- what the arithmetic needs from a selection beyond its interface -------------------
+def layer_threshold(selection: Selection | None) -> tuple[Tensor | None, float] | None:
+    """A per-layer threshold as FusedLayer computes it inside its node, tau = scale *
+    sigmoid(logit): (logit, scale), or (None, tau) for a constant. None for every other
+    strategy: they take the generic path."""
+    if isinstance(selection, LayerThresholdSelection):
+        return selection.theta, selection.tau_max
+    if isinstance(selection, FixedThresholdSelection):
+        return None, selection.tau_value
+    return None
+
+
+class InputRows(NamedTuple):
+    """What a strategy reads from the layer's input: x weight^T + bias."""
+    weight: Tensor  # (k, d_in)
+    bias: Tensor    # (k,)
+
+
+def input_rows(selection: Selection | None) -> InputRows | None:
+    """What a strategy reads from the layer's input, or None. The rows join the layer's
+    down-projection [A; R] (x is read once); their outputs plus the bias reach the
+    selection as `extra`. Only AdaMoLE's per-token threshold has them."""
+    if isinstance(selection, TokenThresholdSelection):
+        return InputRows(selection.weight, selection.bias)
+    return None
+
+
+class Routed(NamedTuple):
+    """The generic path's routing of one call (route_and_gate)."""
+    gated: Tensor          # rank activations scaled per expert slice by w * scaling (a's dtype)
+    p: Tensor              # (*tokens, E) routing probabilities, may receive a gradient
+    w: Tensor              # (*tokens, E) expert weights
+    tau: Tensor | None     # scalar or (*tokens, 1); None for strategies without a threshold
+    logits: Tensor | None  # fp32 local router logits (z-loss); None without a local router
+
+
 def route_and_gate(combination: Combination, selection: Selection, a: Tensor, rows: Tensor,
                    log_g: Tensor | None, scaling: float, num_experts: int,
-                   rank: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-    """a (*tokens, E*r) rank activations; rows (*tokens, E [+ extra]) the routing rows of the
-    fused product (local logits first, then the selection's extra rows); log_g broadcastable
-    to (*tokens, E). Returns gated activations (a's dtype), p, w (*tokens, E), tau (scalar,
-    (*tokens, 1) or None) and the fp32 local logits or None."""
+                   rank: int) -> Routed:
+    """a (*tokens, E*r) rank activations; rows (*tokens, E [+ k]) the routing rows of the
+    down-projection (local logits first, then the selection's input_rows); log_g broadcastable
+    to (*tokens, E)."""
     e = num_experts
     dtype = routing_dtype(rows.dtype)
     logits = extra = None
     if combination.needs_local:
         logits = rows[..., :e].to(dtype)
         rows = rows[..., e:]
-    if selection.extra_rows:
-        extra = rows.to(dtype) + selection.extra_bias().to(dtype)
+    read = input_rows(selection)
+    if read is not None:
+        extra = rows.to(dtype) + read.bias.to(dtype)
     if log_g is not None:
         log_g = cast(log_g, dtype)
-    if (selection.thresholded and combination.softmax_of_logits
+    if (isinstance(selection, ThresholdSelection) and combination.softmax_of_logits
             and not torch.compiler.is_compiling()):  # compiled: Inductor fuses the generic path
         tau = selection.threshold(extra, dtype)
-        gated, p, w = ThresholdGate.apply(a, logits, log_g, getattr(combination, "beta", None),
-                                          tau, scaling, rank)
-        return gated, p, w, tau, logits
+        gate_inputs = GateInputs(a, logits, log_g, getattr(combination, "beta", None), tau)
+        gated, p, w = run_threshold_gate(gate_inputs, scaling, rank)
+        return Routed(gated, p, w, tau, logits)
     p = combination(logits, log_g)
     if p.shape[:-1] != a.shape[:-1]:  # utterance-level p (global combination)
         p = p.expand(*a.shape[:-1], e)
     w, tau = selection(p, extra)
     gate = (w * scaling).to(a.dtype)
     gated = (a.unflatten(-1, (e, rank)) * gate.unsqueeze(-1)).flatten(-2)
-    return gated, p, w, tau, logits
+    return Routed(gated, p, w, tau, logits)
 
 
+# ----- torch.compile, with an eager fallback ---------------------------------------------
 def _eager_backward_compile():
     """Compile the backward together with the forward (AOTAutograd otherwise compiles it
     lazily at the first backward, where a compiler failure could not fall back to eager)."""
@@ -98,17 +139,17 @@ def _eager_backward_compile():
 
 
 def _probe(compiled: Callable, args: tuple) -> None:
-    """First call of a compiled function: run forward and backward on detached copies of the
-    inputs (same shapes, strides and requires_grad, so the real call reuses the compiled
-    graphs), so that any compile failure happens here, inside the fallback's reach."""
+    """First call of a compiled route_and_gate: run forward and backward on detached copies
+    of the inputs (same shapes, strides and requires_grad, so the real call reuses the
+    compiled graphs), so that any compile failure happens here, inside the fallback's reach."""
     def copy(t):
         return t.detach().requires_grad_(t.requires_grad) if isinstance(t, Tensor) else t
 
     probe_args = tuple(copy(t) for t in args)
     out = compiled(*probe_args)
     inputs = [t for t in probe_args if isinstance(t, Tensor) and t.requires_grad]
-    if inputs and out[0].requires_grad:
-        loss = out[0].float().sum() + out[2].float().sum()
+    if inputs and out.gated.requires_grad:
+        loss = out.gated.float().sum() + out.w.float().sum()
         torch.autograd.grad(loss, inputs, allow_unused=True)
 
 
@@ -156,10 +197,9 @@ def compile_error() -> str | None:
 
 
 def _compile_failed(err: Exception) -> None:
-    global _compile_error, last_path
+    global _compile_error
     lines = [line.strip() for line in f"{type(err).__name__}: {err}".splitlines() if line.strip()]
     _compile_error = " | ".join(lines[:4])[:600]
-    last_path = f"eager (compile failed: {_compile_error})"
     warnings.warn(f"hdmole adapters: torch.compile of the adapter arithmetic failed "
                   f"({_compile_error}); falling back to eager for this process",
                   RuntimeWarning, stacklevel=3)
@@ -167,195 +207,16 @@ def _compile_failed(err: Exception) -> None:
 
 def run_route_and_gate(combination: Combination, selection: Selection, a: Tensor, rows: Tensor,
                        log_g: Tensor | None, scaling: float, num_experts: int, rank: int,
-                       mode: str = "auto"):
-    """route_and_gate, compiled or eager according to `mode` (see the module docstring)."""
-    global last_path
-    compiled = use_compiled(mode, a)
-    out = _run(route_and_gate, compiled, (type(combination).__name__, type(selection).__name__),
-               combination, selection, a, rows, log_g, scaling, num_experts, rank, probe=True)
-    if _compile_error is not None:
-        last_path = f"eager (compile failed: {_compile_error})"
-    else:
-        last_path = "compiled" if compiled else "eager"
-    return out
+                       compiled: bool = False) -> Routed:
+    """route_and_gate, through its compiled copy when `compiled` (use_compiled)."""
+    return _run(route_and_gate, compiled, (type(combination).__name__, type(selection).__name__),
+                combination, selection, a, rows, log_g, scaling, num_experts, rank, probe=True)
 
 
 def reset_compiled() -> None:
-    """Forget the compiled function and any compile failure (tests, backend changes)."""
-    global _compiled, _compile_error, last_path
-    _compiled, _compile_error, last_path = {}, None, "none"
-
-
-def gate_forward(a: Tensor, logits: Tensor, log_g: Tensor | None, beta: Tensor | None,
-                 tau: Tensor | float, scaling: float, rank: int):
-    """Softmax-of-logits combination + threshold selection, forward:
-
-        z = l (+ beta * log g);  p = softmax(z);  w = (p - tau)_+ / sum_j (p_j - tau)_+
-        gated = a * (w * scaling) per expert rank slice
-
-    Returns (gated, p, w, total, gate); the last two are what gate_backward needs."""
-    z = logits if log_g is None else torch.addcmul(logits, log_g, cast(beta, logits.dtype))
-    p = z.softmax(-1)
-    excess = (p - tau).clamp_min_(0.0)
-    total = excess.sum(-1, keepdim=True)
-    w = excess.div_(total)
-    gate = (w * scaling).to(a.dtype)
-    e = p.shape[-1]
-    gated = (a.unflatten(-1, (e, rank)) * gate.unsqueeze(-1)).flatten(-2)
-    return gated, p, w, total, gate
-
-
-def gate_backward(d_gated: Tensor | None, d_p: Tensor | None, a: Tensor, p: Tensor, w: Tensor,
-                  total: Tensor, gate: Tensor, log_g: Tensor | None, beta: Tensor | None,
-                  tau: Tensor | float, scaling: float, rank: int, need: tuple[bool, ...]):
-    """Hand-written backward of gate_forward, in the routing dtype (fp32, or float64 for
-    references): a dozen ops instead of ~35 autograd records. need = which of (a, logits,
-    log_g, beta, tau) want a gradient. Returns their gradients (None where not needed)."""
-    e = p.shape[-1]
-    d_a = d_log_g = d_beta = d_tau = None
-    d_z_in = d_p
-    if d_gated is not None:
-        d_slices = d_gated.unflatten(-1, (e, rank))
-        if need[0]:
-            d_a = (d_slices * gate.unsqueeze(-1)).flatten(-2)
-        # d gate_i = sum_r d_gated * a over expert i's rank slice, accumulated in p's dtype
-        d_weight = (d_slices * a.unflatten(-1, (e, rank))).sum(-1, dtype=p.dtype) * scaling
-        # w = excess / total: d excess = (d w - sum_j d w_j w_j) / total on active experts
-        d_excess = (d_weight - (d_weight * w).sum(-1, keepdim=True)) / total
-        d_excess = d_excess * (w > 0)
-        d_z_in = d_excess if d_z_in is None else d_z_in + d_excess
-        if need[4]:
-            d_tau = -(d_excess.sum() if tau.dim() == 0 else
-                      d_excess.sum(-1, keepdim=True).sum_to_size(tau.shape))
-    if d_z_in is None:
-        return d_a, None, None, None, d_tau
-    # softmax backward, d z = p * (d p - sum_j d p_j p_j), as autograd computes it
-    d_z = torch._softmax_backward_data(d_z_in, p, -1, p.dtype)
-    if log_g is not None:
-        if need[2]:
-            d_log_g = (cast(beta, d_z.dtype) * d_z).sum_to_size(log_g.shape)
-        if need[3]:
-            d_beta = cast((d_z * log_g).sum(), beta.dtype)
-    return d_a, d_z if need[1] else None, d_log_g, d_beta, d_tau
-
-
-class ThresholdGate(torch.autograd.Function):
-    """gate_forward / gate_backward as one autograd node: the eager routing of softmax-of-
-    logits combinations with threshold selections on the generic path (MoLoRALinear uses
-    FusedLayer instead where it can). Returns (gated, p, w); p may receive a gradient
-    (load-balance loss), w is used detached."""
-
-    @staticmethod
-    def forward(ctx, a: Tensor, logits: Tensor, log_g: Tensor | None, beta: Tensor | None,
-                tau: Tensor, scaling: float, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-        gated, p, w, total, gate = gate_forward(a, logits, log_g, beta, tau, scaling, rank)
-        ctx.save_for_backward(a, p, w, total, gate, log_g, beta, tau)
-        ctx.scaling, ctx.rank = scaling, rank
-        ctx.mark_non_differentiable(w)
-        ctx.set_materialize_grads(False)  # unused outputs pass None, not zero tensors
-        return gated, p, w
-
-    @staticmethod
-    def backward(ctx, d_gated: Tensor | None, d_p: Tensor | None, d_w: Tensor | None):
-        grads = gate_backward(d_gated, d_p, *ctx.saved_tensors, ctx.scaling, ctx.rank,
-                              ctx.needs_input_grad[:5])
-        return (*grads, None, None)
-
-
-class LayerSpec(NamedTuple):
-    """The non-tensor arguments of FusedLayer."""
-    dtype: torch.dtype    # of the matrix products (autocast's or the input's)
-    scaling: float        # alpha/r, divided by the dropout keep probability when a mask is given
-    rank: int             # per expert
-    tau_scale: float      # tau = tau_scale * sigmoid(tau_logit); a constant tau without logit
-    compiled: bool        # run the arithmetic through torch.compile (see use_compiled)
-
-
-def layer_forward(x: Tensor, w0: Tensor, b0: Tensor | None, lora_a: Tensor,
-                  router: Tensor | None, lora_b: Tensor, mask: Tensor | None,
-                  log_g: Tensor | None, beta: Tensor | None, tau_logit: Tensor | None,
-                  dtype: torch.dtype, scaling: float, rank: int, tau_scale: float):
-    """FusedLayer's forward arithmetic, a pure function (eager or compiled). Returns the
-    outputs (y, p, w, logits, total) and what the backward needs."""
-    lead = x.shape[:-1]
-    xc = cast(x, dtype).reshape(-1, x.shape[-1])
-    w0c = cast(w0, dtype)
-    # The base product keeps cuBLAS's fused bias; the adapter rows [A; R] are one skinny
-    # product of their own (reading x twice costs what one stacked product costs, and the
-    # stacked output would need a strided copy and a separate bias pass).
-    y = F.linear(xc, w0c, None if b0 is None else cast(b0, dtype))
-    down = cast(lora_a, dtype) if router is None else torch.cat([cast(lora_a, dtype),
-                                                                 cast(router, dtype)])
-    h = F.linear(xc, down)
-    a = h if router is None else h[:, :lora_a.shape[0]]
-    if mask is not None:
-        a = a * mask.view(a.shape)
-    bc = cast(lora_b, dtype)
-    p = w = total = gate = logits = sig = None
-    if router is None:
-        gated = a * scaling
-    else:
-        # fp32 routing for low-precision products; float64 stays float64 (references)
-        logits = cast(h[:, lora_a.shape[0]:].view(*lead, -1), routing_dtype(dtype))
-        if tau_logit is None:
-            tau = tau_scale
-        else:
-            sig = torch.sigmoid(cast(tau_logit, logits.dtype))
-            tau = sig * tau_scale
-        gated, p, w, total, gate = gate_forward(a.view(*lead, -1), logits, log_g, beta, tau,
-                                                scaling, rank)
-        gated = gated.view(a.shape)
-    y.addmm_(gated, bc.t())  # in place: no copy of y
-    saved = (xc, w0c, down, a if router is not None else None, mask, gated, bc, p, w, total,
-             gate, log_g, beta, sig)
-    return (y.view(*lead, -1), p, w, logits, total), saved
-
-
-def layer_backward(dy: Tensor | None, d_p: Tensor | None, d_logits: Tensor | None,
-                   saved: tuple, dtypes: tuple, dtype: torch.dtype, scaling: float, rank: int,
-                   tau_scale: float, need: tuple[bool, ...]) -> tuple:
-    """FusedLayer's backward arithmetic, a pure function (eager or compiled): gradients of
-    (x (flat), w0, b0, lora_a, router, lora_b, mask, log_g, beta, tau_logit), None where
-    not needed."""
-    xc, w0c, down, a, mask, gated, bc, p, w, total, gate, log_g, beta, sig = saved
-    d_out = w0c.shape[0]
-    dyc = (cast(dy, dtype).reshape(-1, d_out) if dy is not None
-           else xc.new_zeros(xc.shape[0], d_out))
-    d_gated = dyc @ bc
-    d_lora_b = cast(dyc.t() @ gated, dtypes[5]) if need[5] else None
-    d_log_g = d_beta = d_logit = None
-    if p is None:
-        parts = [d_gated * scaling]
-    else:
-        lead = p.shape[:-1]
-        tau = 0.0 if sig is None else sig * tau_scale
-        d_a, d_z, d_log_g, d_beta, d_tau = gate_backward(
-            d_gated.view(*lead, -1), d_p, a.view(*lead, -1), p, w, total, gate, log_g, beta,
-            tau, scaling, rank, (True, True, need[7], need[8], need[9]))
-        if d_tau is not None:  # tau = tau_scale * sigmoid(logit): d tau / d logit = tau (1 - sig)
-            d_logit = cast(d_tau * tau * (1.0 - sig), dtypes[6])
-        d_l = d_z if d_logits is None else d_z + d_logits  # + the z-loss's own use
-        parts = [d_a.view(d_gated.shape), cast(d_l, dtype).view(d_gated.shape[0], -1)]
-    if mask is not None:
-        parts[0] = parts[0] * mask.view(parts[0].shape)
-    dx = d_lora_a = d_router = None
-    if need[0]:  # dx = [dy, da, dl] [W0; A; R]: one product
-        grads = torch.cat([dyc, *parts], -1)
-        dx = cast(grads @ torch.cat([w0c, down]), dtypes[0])
-        d_rows = grads[:, d_out:]
-    else:
-        d_rows = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
-    if need[3] or need[4]:
-        d_down = d_rows.t() @ xc
-        if len(parts) == 1:
-            d_lora_a = cast(d_down, dtypes[3])
-        else:
-            d_lora_a, d_router = (cast(g, t) for g, t in
-                                  zip(d_down.split_with_sizes([a.shape[-1], p.shape[-1]]),
-                                      dtypes[3:5]))
-    dw0 = cast(dyc.t() @ xc, dtypes[1]) if need[1] else None
-    db0 = cast(dyc.sum(0), dtypes[2]) if need[2] else None
-    return dx, dw0, db0, d_lora_a, d_router, d_lora_b, None, d_log_g, d_beta, d_logit
+    """Forget the compiled functions and any compile failure (tests, backend changes)."""
+    global _compiled, _compile_error
+    _compiled, _compile_error = {}, None
 
 
 def _run(function: Callable, compiled: bool, key: tuple, *args, probe: bool = False):
@@ -377,9 +238,272 @@ def _run(function: Callable, compiled: bool, key: tuple, *args, probe: bool = Fa
     return function(*args)
 
 
+# ----- autograd nodes take their tensors as direct arguments of apply (autograd tracks only
+# those): run_threshold_gate / run_fused_layer unpack the named tuples into apply, forward
+# and backward rebuild them, and saved tensors go through these two -----------------------
+def _save(ctx, *groups: tuple) -> None:
+    """ctx.save_for_backward of named tuples of tensors (or None), flat."""
+    ctx.save_for_backward(*itertools.chain(*groups))
+
+
+def _saved(ctx, *kinds: type) -> list:
+    """The named tuples _save saved, rebuilt field by field."""
+    tensors = iter(ctx.saved_tensors)
+    return [kind(*itertools.islice(tensors, len(kind._fields))) for kind in kinds]
+
+
+# ----- the thresholded softmax gate ------------------------------------------------------
+class GateInputs(NamedTuple):
+    """The tensor inputs of gate_forward; the same fields hold their gradients
+    (gate_backward) and whether each needs one."""
+    a: Tensor              # (*tokens, E*r) rank activations
+    logits: Tensor | None  # (*tokens, E) local router logits, routing dtype
+    log_g: Tensor | None   # broadcastable to (*tokens, E): the global posterior, or None
+    beta: Tensor | None    # weight of log g (None without it)
+    tau: Tensor | float    # threshold: scalar or (*tokens, 1)
+
+
+class Gate(NamedTuple):
+    """gate_forward's results: its outputs, and what gate_backward needs."""
+    gated: Tensor  # a * (w * scaling), per expert rank slice
+    p: Tensor      # softmax(z)
+    w: Tensor      # (p - tau)_+ / total
+    total: Tensor  # (*tokens, 1) sum_j (p_j - tau)_+; NaN where the logits are not finite
+    gate: Tensor   # w * scaling in a's dtype
+
+
+def gate_forward(inputs: GateInputs, scaling: float, rank: int) -> Gate:
+    """Softmax-of-logits combination + threshold selection, forward:
+
+        z = l (+ beta * log g);  p = softmax(z);  w = (p - tau)_+ / sum_j (p_j - tau)_+
+        gated = a * (w * scaling) per expert rank slice"""
+    a, logits, log_g = inputs.a, inputs.logits, inputs.log_g
+    z = logits if log_g is None else torch.addcmul(logits, log_g, cast(inputs.beta, logits.dtype))
+    p = z.softmax(-1)
+    excess = (p - inputs.tau).clamp_min_(0.0)
+    total = excess.sum(-1, keepdim=True)
+    w = excess.div_(total)
+    gate = (w * scaling).to(a.dtype)
+    e = p.shape[-1]
+    gated = (a.unflatten(-1, (e, rank)) * gate.unsqueeze(-1)).flatten(-2)
+    return Gate(gated, p, w, total, gate)
+
+
+def gate_backward(d_gated: Tensor | None, d_p: Tensor | None, inputs: GateInputs, out: Gate,
+                  scaling: float, rank: int, need: GateInputs) -> GateInputs:
+    """Hand-written backward of gate_forward, in the routing dtype (fp32, or float64 for
+    references): a dozen ops instead of ~35 autograd records. Reads inputs.a, .log_g, .beta,
+    .tau and out.p, .w, .total, .gate; returns the gradients `need` asks for (else None)."""
+    p, w = out.p, out.w
+    e = p.shape[-1]
+    d_a = d_log_g = d_beta = d_tau = None
+    d_z_in = d_p
+    if d_gated is not None:
+        d_slices = d_gated.unflatten(-1, (e, rank))
+        if need.a:
+            d_a = (d_slices * out.gate.unsqueeze(-1)).flatten(-2)
+        # d gate_i = sum_r d_gated * a over expert i's rank slice, accumulated in p's dtype
+        d_weight = (d_slices * inputs.a.unflatten(-1, (e, rank))).sum(-1, dtype=p.dtype) * scaling
+        # w = excess / total: d excess = (d w - sum_j d w_j w_j) / total on active experts
+        d_excess = (d_weight - (d_weight * w).sum(-1, keepdim=True)) / out.total
+        d_excess = d_excess * (w > 0)
+        d_z_in = d_excess if d_z_in is None else d_z_in + d_excess
+        if need.tau:
+            tau = inputs.tau
+            d_tau = -(d_excess.sum() if tau.dim() == 0 else
+                      d_excess.sum(-1, keepdim=True).sum_to_size(tau.shape))
+    if d_z_in is None:
+        return GateInputs(d_a, None, None, None, d_tau)
+    # softmax backward, d z = p * (d p - sum_j d p_j p_j), as autograd computes it
+    d_z = torch._softmax_backward_data(d_z_in, p, -1, p.dtype)
+    log_g, beta = inputs.log_g, inputs.beta
+    if log_g is not None:
+        if need.log_g:
+            d_log_g = (cast(beta, d_z.dtype) * d_z).sum_to_size(log_g.shape)
+        if need.beta:
+            d_beta = cast((d_z * log_g).sum(), beta.dtype)
+    return GateInputs(d_a, d_z if need.logits else None, d_log_g, d_beta, d_tau)
+
+
+class ThresholdGate(torch.autograd.Function):
+    """gate_forward / gate_backward as one autograd node: the eager routing of softmax-of-
+    logits combinations with threshold selections on the generic path (run_threshold_gate).
+    Returns (gated, p, w); p may receive a gradient (load-balance loss), w is used detached."""
+
+    @staticmethod
+    def forward(ctx, scaling: float, rank: int, *tensors: Tensor | None):
+        inputs = GateInputs(*tensors)
+        out = gate_forward(inputs, scaling, rank)
+        # logits and gated are not read back
+        _save(ctx, GateInputs(inputs.a, None, inputs.log_g, inputs.beta, inputs.tau),
+              Gate(None, out.p, out.w, out.total, out.gate))
+        ctx.scaling, ctx.rank = scaling, rank
+        ctx.mark_non_differentiable(out.w)
+        ctx.set_materialize_grads(False)  # unused outputs pass None, not zero tensors
+        return out.gated, out.p, out.w
+
+    @staticmethod
+    def backward(ctx, d_gated: Tensor | None, d_p: Tensor | None, d_w: Tensor | None):
+        inputs, out = _saved(ctx, GateInputs, Gate)
+        need = GateInputs(*ctx.needs_input_grad[2:])
+        grads = gate_backward(d_gated, d_p, inputs, out, ctx.scaling, ctx.rank, need)
+        return None, None, *grads
+
+
+def run_threshold_gate(inputs: GateInputs, scaling: float,
+                       rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(gated, p, w) of ThresholdGate."""
+    return ThresholdGate.apply(scaling, rank, *inputs)
+
+
+# ----- the fused layer -------------------------------------------------------------------
+class LayerSpec(NamedTuple):
+    """The non-tensor arguments of FusedLayer."""
+    dtype: torch.dtype    # of the matrix products (autocast's or the input's)
+    scaling: float        # alpha/r, divided by the dropout keep probability when a mask is given
+    rank: int             # per expert
+    tau_scale: float      # tau = tau_scale * sigmoid(tau_logit); a constant tau without logit
+    compiled: bool        # run the arithmetic through torch.compile (see use_compiled)
+
+
+class LayerInputs(NamedTuple):
+    """The tensor inputs of FusedLayer (None where a layer has none); the same fields hold
+    their gradients, their dtypes, and whether each needs a gradient."""
+    x: Tensor                  # (*tokens, d_in) the layer's input
+    w0: Tensor                 # (d_out, d_in) frozen base weight
+    b0: Tensor | None          # (d_out,) its bias
+    lora_a: Tensor             # (E*r, d_in) experts' down-projections
+    router: Tensor | None      # (E, d_in) local router; None for plain LoRA
+    lora_b: Tensor             # (d_out, E*r) experts' up-projections
+    mask: Tensor | None        # (*tokens, E*r) 0/1 dropout mask (1/keep is in the scaling)
+    log_g: Tensor | None       # broadcastable to (*tokens, E): the global posterior, or None
+    beta: Tensor | None        # its weight in the prior combination
+    tau_logit: Tensor | None   # per-layer threshold logit; None: constant tau (tau_scale)
+
+
+class LayerOutputs(NamedTuple):
+    """FusedLayer's outputs (only y for plain LoRA); the same fields hold their gradients
+    in the backward."""
+    y: Tensor                    # (*tokens, d_out)
+    p: Tensor | None = None      # (*tokens, E) fp32, may receive a gradient (load balance)
+    w: Tensor | None = None      # (*tokens, E) expert weights, non-differentiable
+    logits: Tensor | None = None  # fp32 local router logits, may receive a gradient (z-loss)
+    # (*tokens, 1) threshold normaliser, non-differentiable; NaN where the router logits are
+    # not finite (the layer's NaN watch)
+    total: Tensor | None = None
+
+
+class LayerSaved(NamedTuple):
+    """What FusedLayer's backward reads, saved by its forward (the routing fields only for
+    routed layers). Matrices are flat (N, ...) and in the compute dtype."""
+    x: Tensor
+    w0: Tensor
+    down: Tensor                 # [A; R]
+    lora_b: Tensor
+    mask: Tensor | None
+    gated: Tensor                # what multiplied B^T
+    a: Tensor | None = None      # rank activations (after dropout)
+    p: Tensor | None = None
+    w: Tensor | None = None
+    total: Tensor | None = None
+    gate: Tensor | None = None   # w * scaling in the compute dtype
+    log_g: Tensor | None = None
+    beta: Tensor | None = None
+    sig: Tensor | None = None    # sigmoid(tau_logit)
+
+
+def layer_forward(inputs: LayerInputs,
+                  spec: LayerSpec) -> tuple[LayerOutputs, LayerSaved]:
+    """FusedLayer's forward arithmetic, a pure function (eager or compiled): its outputs
+    and what the backward needs."""
+    x, lora_a, router, dtype = inputs.x, inputs.lora_a, inputs.router, spec.dtype
+    lead = x.shape[:-1]
+    xc = cast(x, dtype).reshape(-1, x.shape[-1])
+    w0c = cast(inputs.w0, dtype)
+    # The base product keeps cuBLAS's fused bias; the adapter rows [A; R] are one skinny
+    # product of their own (reading x twice costs what one stacked product costs, and the
+    # stacked output would need a strided copy and a separate bias pass).
+    y = F.linear(xc, w0c, None if inputs.b0 is None else cast(inputs.b0, dtype))
+    down = cast(lora_a, dtype) if router is None else torch.cat([cast(lora_a, dtype),
+                                                                 cast(router, dtype)])
+    h = F.linear(xc, down)
+    a = h if router is None else h[:, :lora_a.shape[0]]
+    if inputs.mask is not None:
+        a = a * inputs.mask.view(a.shape)
+    bc = cast(inputs.lora_b, dtype)
+    gate = logits = sig = None
+    if router is None:
+        gated = a * spec.scaling
+    else:
+        # fp32 routing for low-precision products; float64 stays float64 (references)
+        logits = cast(h[:, lora_a.shape[0]:].view(*lead, -1), routing_dtype(dtype))
+        if inputs.tau_logit is None:
+            tau = spec.tau_scale
+        else:
+            sig = torch.sigmoid(cast(inputs.tau_logit, logits.dtype))
+            tau = sig * spec.tau_scale
+        gate = gate_forward(GateInputs(a.view(*lead, -1), logits, inputs.log_g, inputs.beta, tau),
+                            spec.scaling, spec.rank)
+        gated = gate.gated.view(a.shape)
+    y.addmm_(gated, bc.t())  # in place: no copy of y
+    if gate is None:
+        return LayerOutputs(y.view(*lead, -1)), LayerSaved(xc, w0c, down, bc, inputs.mask, gated)
+    return (LayerOutputs(y.view(*lead, -1), gate.p, gate.w, logits, gate.total),
+            LayerSaved(xc, w0c, down, bc, inputs.mask, gated, a, gate.p, gate.w, gate.total,
+                       gate.gate, inputs.log_g, inputs.beta, sig))
+
+
+def layer_backward(d: LayerOutputs, saved: LayerSaved, spec: LayerSpec, dtypes: LayerInputs,
+                   need: LayerInputs) -> LayerInputs:
+    """FusedLayer's backward arithmetic, a pure function (eager or compiled): from the
+    outputs' gradients `d`, the gradients `need` asks for (x flat), else None."""
+    s, dtype, scaling = saved, spec.dtype, spec.scaling
+    d_out = s.w0.shape[0]
+    dyc = (cast(d.y, dtype).reshape(-1, d_out) if d.y is not None
+           else s.x.new_zeros(s.x.shape[0], d_out))
+    d_gated = dyc @ s.lora_b
+    d_lora_b = cast(dyc.t() @ s.gated, dtypes.lora_b) if need.lora_b else None
+    d_log_g = d_beta = d_tau_logit = None
+    if s.p is None:
+        parts = [d_gated * scaling]
+    else:
+        lead = s.p.shape[:-1]
+        tau = 0.0 if s.sig is None else s.sig * spec.tau_scale
+        gate_inputs = GateInputs(s.a.view(*lead, -1), None, s.log_g, s.beta, tau)
+        grads = gate_backward(d_gated.view(*lead, -1), d.p, gate_inputs,
+                              Gate(None, s.p, s.w, s.total, s.gate), scaling, spec.rank,
+                              GateInputs(True, True, need.log_g, need.beta, need.tau_logit))
+        d_log_g, d_beta = grads.log_g, grads.beta
+        if grads.tau is not None:  # tau = tau_scale sigmoid(logit): d tau / d logit = tau (1 - sig)
+            d_tau_logit = cast(grads.tau * tau * (1.0 - s.sig), dtypes.tau_logit)
+        # + the z-loss's own use of the logits
+        d_l = grads.logits if d.logits is None else grads.logits + d.logits
+        parts = [grads.a.view(d_gated.shape), cast(d_l, dtype).view(d_gated.shape[0], -1)]
+    if s.mask is not None:
+        parts[0] = parts[0] * s.mask.view(parts[0].shape)
+    dx = d_lora_a = d_router = None
+    if need.x:  # dx = [dy, da, dl] [W0; A; R]: one product
+        grads_out = torch.cat([dyc, *parts], -1)
+        dx = cast(grads_out @ torch.cat([s.w0, s.down]), dtypes.x)
+        d_rows = grads_out[:, d_out:]
+    else:
+        d_rows = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
+    if need.lora_a or need.router:
+        d_down = d_rows.t() @ s.x
+        if len(parts) == 1:
+            d_lora_a = cast(d_down, dtypes.lora_a)
+        else:
+            d_a, d_r = d_down.split_with_sizes([s.a.shape[-1], s.p.shape[-1]])
+            d_lora_a, d_router = cast(d_a, dtypes.lora_a), cast(d_r, dtypes.router)
+    dw0 = cast(dyc.t() @ s.x, dtypes.w0) if need.w0 else None
+    db0 = cast(dyc.sum(0), dtypes.b0) if need.b0 else None
+    return LayerInputs(dx, dw0, db0, d_lora_a, d_router, d_lora_b, None, d_log_g, d_beta,
+                       d_tau_logit)
+
+
 class FusedLayer(torch.autograd.Function):
     """One whole MoLoRALinear call as ONE autograd node, for plain LoRA (router None) and
-    for softmax-of-logits combinations with threshold selection (HDMoLE's default):
+    for softmax-of-logits combinations with a per-layer threshold (HDMoLE's default):
 
         y = x W0^T + b;  [a, l] = x [A; R]^T       base product (cuBLAS bias), adapter rows
         a = a * dropout mask                        (0/1; 1/keep is folded into scaling)
@@ -393,48 +517,37 @@ class FusedLayer(torch.autograd.Function):
     60 plain ops per forward+backward instead of ~150 with an autograd record each, and with
     spec.compiled (CUDA training) a few fused kernels for the routing arithmetic.
     Values equal the generic path (StackedLinear + route_and_gate; tests in float64).
-
-    Returns (y, p, w, logits, total): p (*tokens, E) fp32 may receive a gradient (load
-    balance), logits (fp32 local router logits) too (z-loss); w and total (*tokens, 1), the
-    threshold normaliser, NaN where the router logits are not finite, are non-
-    differentiable; all four are None for LoRA."""
+    Called through run_fused_layer (LayerInputs -> LayerOutputs)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w0: Tensor, b0: Tensor | None, lora_a: Tensor,
-                router: Tensor | None, lora_b: Tensor, mask: Tensor | None,
-                log_g: Tensor | None, beta: Tensor | None, tau_logit: Tensor | None,
-                spec: LayerSpec):
-        args = (x, w0, b0, lora_a, router, lora_b, mask, log_g, beta, tau_logit)
-        ctx.key = tuple(t is None for t in args)
+    def forward(ctx, spec: LayerSpec, *tensors: Tensor | None):
+        inputs = LayerInputs(*tensors)
+        ctx.key = tuple(t is None for t in inputs)
+        x = inputs.x
         autocast_off = (torch.autocast(x.device.type, enabled=False)
                         if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext())
         with autocast_off:  # explicit dtypes inside
             outputs, saved = _run(layer_forward, spec.compiled, ("layer_forward", *ctx.key),
-                                  *args, spec.dtype, spec.scaling, spec.rank, spec.tau_scale)
-        ctx.save_for_backward(*saved)
+                                  inputs, spec)
+        _save(ctx, saved)
         ctx.spec, ctx.x_shape = spec, x.shape
-        ctx.dtypes = tuple(None if t is None else t.dtype for t in args[:6]) + (
-            None if tau_logit is None else tau_logit.dtype,)
-        ctx.mark_non_differentiable(*(t for t in outputs[2::2] if t is not None))  # w, total
+        ctx.dtypes = LayerInputs(*(None if t is None else t.dtype for t in inputs))
+        ctx.mark_non_differentiable(*(t for t in (outputs.w, outputs.total) if t is not None))
         ctx.set_materialize_grads(False)  # unused outputs pass None, not zero tensors
-        return outputs
+        return tuple(outputs)
 
     @staticmethod
     def backward(ctx, dy: Tensor | None, d_p: Tensor | None, d_w: Tensor | None,
                  d_logits: Tensor | None, d_total: Tensor | None):
-        spec = ctx.spec
-        need = tuple(ctx.needs_input_grad[:10])
-        grads = _run(layer_backward, spec.compiled,
-                     ("layer_backward", *ctx.key, dy is None, d_p is None, d_logits is None),
-                     dy, d_p, d_logits, ctx.saved_tensors, ctx.dtypes, spec.dtype,
-                     spec.scaling, spec.rank, spec.tau_scale, need)
-        dx = grads[0].view(ctx.x_shape) if grads[0] is not None else None
-        return (dx, *grads[1:], None)
+        d = LayerOutputs(dy, d_p, None, d_logits, None)  # w, total: non-differentiable
+        key = ("layer_backward", *ctx.key, dy is None, d_p is None, d_logits is None)
+        saved, = _saved(ctx, LayerSaved)
+        need = LayerInputs(*ctx.needs_input_grad[1:])
+        grads = _run(layer_backward, ctx.spec.compiled, key, d, saved, ctx.spec, ctx.dtypes, need)
+        dx = None if grads.x is None else grads.x.view(ctx.x_shape)
+        return None, dx, *grads[1:]  # None: spec; then the LayerInputs fields, x unflattened
 
 
-def run_fused_layer(*args) -> tuple:
-    """FusedLayer.apply, recording the path taken."""
-    global last_path
-    last_path = "fused layer (compiled)" if args[-1].compiled and _compile_error is None \
-        else "fused layer"
-    return FusedLayer.apply(*args)
+def run_fused_layer(inputs: LayerInputs, spec: LayerSpec) -> LayerOutputs:
+    """FusedLayer on named inputs."""
+    return LayerOutputs(*FusedLayer.apply(spec, *inputs))

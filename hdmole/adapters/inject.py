@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .config import AdapterConfig, ResolvedAdapter
 from .context import RoutingState
+from .fused import layer_threshold
 from .layer import MoLoRALinear
 from .losses import accent_cross_entropy
 from .routing import GlobalAccentRouter, build_global_router
@@ -180,11 +181,9 @@ class AdapterHandle(nn.Module):
             return {}
         out = {} if state.accent_accuracy is None else {"accent_accuracy": state.accent_accuracy}
         for name, layer in self._layers.items():
-            selection = layer.selection
-            if selection is not None and selection.thresholded and selection.extra_rows == 0:
-                logit, scale = selection.threshold_logit()
-                if logit is not None:
-                    out[f"tau/{name}"] = (scale * torch.sigmoid(logit.detach().float()))
+            logit, scale = layer_threshold(layer.selection) or (None, None)
+            if logit is not None:
+                out[f"tau/{name}"] = (scale * torch.sigmoid(logit.detach().float()))
         return out
 
     def effective_loss_weights(self) -> dict[str, float]:
@@ -289,12 +288,13 @@ class AdapterHandle(nn.Module):
 
 
 def inject(module: nn.Module, cfg: AdapterConfig, num_accents: int,
-           accent_feature_dim: int = 0) -> AdapterHandle:
+           accent_feature_dim: int = 0, fused_layer: bool = True) -> AdapterHandle:
     """Adapt `module` in place according to `cfg` and return its AdapterHandle.
 
     Everything under `module` is frozen except the adapter weights (`full`: the matched
     linears). `accent_feature_dim` is the width of the features given to routing(...)
-    (the speech encoder's output), needed by the learned global router."""
+    (the speech encoder's output), needed by the learned global router. fused_layer=False
+    runs every layer on the generic path (MoLoRALinear; the reference, and the bench)."""
     resolved = cfg.resolve(num_accents)
     if any(isinstance(m, MoLoRALinear) for m in module.modules()):
         raise ValueError(f"{type(module).__name__} already holds adapter layers; inject once")
@@ -312,7 +312,7 @@ def inject(module: nn.Module, cfg: AdapterConfig, num_accents: int,
             state = RoutingState(resolved.num_experts, num_accents,
                                  want_balance=cfg.lambda_balance > 0, want_z=cfg.lambda_z > 0)
         for name, linear in targets.items():
-            layer = MoLoRALinear(linear, name, cfg, resolved, state)
+            layer = MoLoRALinear(linear, name, cfg, resolved, state, fused_layer)
             module.set_submodule(name, layer)
             layers[name] = layer
             if state is not None:

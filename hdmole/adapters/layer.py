@@ -9,9 +9,11 @@ Fused computation (no Python loop over experts):
   2. routing (combination with the global posterior, selection) in fp32 on the small logits;
   3. the rank activations (E*r) are scaled slice-wise by w_i * alpha/r and multiplied by the
      concatenated B = [B_1 ... B_E] in one addmm onto the base output.
-LoRA and the thresholded softmax-of-logits layers (HDMoLE's default) run all of it as one
-autograd node (fused.FusedLayer); the other strategies take the generic path (StackedLinear,
-route_and_gate, addmm). `lora` is the same layer with one expert of rank E*r and no routing.
+LoRA and the softmax-of-logits layers with a per-layer threshold (HDMoLE's default) run all
+of it as one autograd node (fused.FusedLayer: fewer host ops, what large layers on a GPU are
+bound by); the other strategies take the generic path (StackedLinear, route_and_gate, addmm),
+the reference the fused layer is tested against. `lora` is the same layer with one expert of
+rank E*r and no routing.
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ from torch import Tensor, nn
 
 from .config import AdapterConfig, ResolvedAdapter
 from .context import RoutingState
-from .fused import (LayerSpec, cast, routing_dtype, run_fused_layer, run_route_and_gate,
-                    use_compiled)
+from .fused import (LayerInputs, LayerSpec, cast, input_rows, layer_threshold, routing_dtype,
+                    run_fused_layer, run_route_and_gate, use_compiled)
 from .routing import Combination, build_combination
 from .selection import Selection, build_selection
 
@@ -83,8 +85,12 @@ class StackedLinear(torch.autograd.Function):
 
 
 class MoLoRALinear(nn.Module):
+    """fused_layer=False: every call takes the generic path, fusable or not (the reference
+    the fused layer is tested against and measured next to)."""
+
     def __init__(self, base: nn.Linear, name: str, cfg: AdapterConfig,
-                 resolved: ResolvedAdapter, state: RoutingState | None) -> None:
+                 resolved: ResolvedAdapter, state: RoutingState | None,
+                 fused_layer: bool = True) -> None:
         super().__init__()
         self.base = base
         self.adapter_name = name
@@ -94,6 +100,7 @@ class MoLoRALinear(nn.Module):
         self.scaling = cfg.alpha / self.rank  # peft: alpha / this LoRA's (or expert's) rank
         self.check_finite = cfg.check_finite
         self.compile_mode = cfg.compile
+        self.fused_layer = fused_layer
         d_in, d_out = base.in_features, base.out_features
         device = base.weight.device
         total_rank = self.num_experts * self.rank
@@ -145,29 +152,38 @@ class MoLoRALinear(nn.Module):
         rows = [self.lora_A]
         if self.router is not None:
             rows.append(self.router)
-        extra = self.selection.extra_weight() if self.selection is not None else None
-        if extra is not None:
-            rows.append(extra)
+        read = input_rows(self.selection)
+        if read is not None:
+            rows.append(read.weight)
         return rows[0] if len(rows) == 1 else torch.cat(rows, 0)
-
-    # True: the base and the adapter products in one autograd node (FusedLayer, or
-    # StackedLinear on the generic path), dx as one product. False: the base layer called as
-    # a module and the adapter rows through autograd, on the generic path (the benchmark
-    # compares both).
-    stack_base = True
 
     @property
     def fusable(self) -> bool:
         """Whether a call runs as one FusedLayer node: plain LoRA, or a softmax-of-logits
-        combination with a threshold selection that adds no rows (HDMoLE's default,
-        hdmole_no_hier, fixed thresholds). Everything else runs the generic path:
-        StackedLinear + route_and_gate + addmm."""
-        if not self.stack_base:
+        combination with a per-layer threshold (HDMoLE's default, hdmole_no_hier, fixed
+        thresholds). Everything else runs the generic path: StackedLinear + route_and_gate
+        + addmm."""
+        if not self.fused_layer:
             return False
         if self.selection is None:
             return True
-        return (self.selection.thresholded and self.selection.extra_rows == 0
+        return (layer_threshold(self.selection) is not None
                 and self.combination.softmax_of_logits)
+
+    def compiles(self, x: Tensor) -> bool:
+        """Whether a call on x runs its arithmetic through torch.compile now (use_compiled):
+        the fused layer's, or the generic path's routing. Plain LoRA has no routing
+        arithmetic: compiled only when forced (compile: true), and only as a fused layer."""
+        if self.selection is None:
+            return (self.fusable and self.compile_mode == "true"
+                    and use_compiled(self.compile_mode, x))
+        return use_compiled(self.compile_mode, x)
+
+    def path(self, x: Tensor) -> str:
+        """The path a call on x takes now, as tests and the bench report it: "fused layer"
+        or "generic path", with " (compiled)" when its arithmetic is."""
+        name = "fused layer" if self.fusable else "generic path"
+        return f"{name} (compiled)" if self.compiles(x) else name
 
     def dropout_mask(self, x: Tensor, dtype: torch.dtype) -> tuple[Tensor | None, float]:
         """(0/1 mask over the rank activations or None, scaling with 1/keep folded in)."""
@@ -184,13 +200,8 @@ class MoLoRALinear(nn.Module):
         if self.fusable:
             return self.fused_forward(x, dtype, mask, scaling)
         total_rank = self.num_experts * self.rank
-        if self.stack_base:
-            y, a, rows = StackedLinear.apply(x, self.base.weight, self.base.bias,
-                                             self.down_weight(), dtype, total_rank)
-        else:
-            y = self.base(x)
-            h = F.linear(x, self.down_weight().to(dtype))
-            a, rows = h[..., :total_rank], h[..., total_rank:]
+        y, a, rows = StackedLinear.apply(x, self.base.weight, self.base.bias, self.down_weight(),
+                                         dtype, total_rank)
         if mask is not None:
             a = a * mask
         if self.selection is None:  # plain LoRA
@@ -203,24 +214,24 @@ class MoLoRALinear(nn.Module):
 
     def fused_forward(self, x: Tensor, dtype: torch.dtype, mask: Tensor | None,
                       scaling: float) -> Tensor:
-        compiled = use_compiled(self.compile_mode, x)
-        if self.selection is None:  # no routing arithmetic: compiled only when forced
-            compiled = compiled and self.compile_mode == "true"
+        compiled = self.compiles(x)
+        if self.selection is None:
             spec = LayerSpec(dtype, scaling, self.rank, 0.0, compiled)
-            return run_fused_layer(x, self.base.weight, self.base.bias, self.lora_A, None,
-                                   self.lora_B, mask, None, None, None, spec)[0]
+            inputs = LayerInputs(x, self.base.weight, self.base.bias, self.lora_A, None,
+                                 self.lora_B, mask, None, None, None)
+            return run_fused_layer(inputs, spec).y
         view = self.routing_view(x)
-        tau_logit, tau_scale = self.selection.threshold_logit()
+        tau_logit, tau_scale = layer_threshold(self.selection)
         spec = LayerSpec(dtype, scaling, self.rank, tau_scale, compiled)
         beta = getattr(self.combination, "beta", None) if view.log_g is not None else None
-        y, p, weights, logits, total = run_fused_layer(
-            x, self.base.weight, self.base.bias, self.lora_A, self.router, self.lora_B, mask,
-            view.log_g, beta, tau_logit, spec)
+        inputs = LayerInputs(x, self.base.weight, self.base.bias, self.lora_A, self.router,
+                             self.lora_B, mask, view.log_g, beta, tau_logit)
+        out = run_fused_layer(inputs, spec)
         tau = None
         if self.state.statistics_enabled and self.state.inside:  # recorded per call
             tau = self.selection.threshold(None, routing_dtype(dtype)).detach()
-        self.after_routing(view, p, weights, tau, logits, total)
-        return y
+        self.after_routing(view, out.p, out.w, tau, out.logits, out.total)
+        return out.y
 
     def routing_view(self, x: Tensor):
         assert self.state is not None
@@ -242,11 +253,11 @@ class MoLoRALinear(nn.Module):
         or eager (fused.py); losses and statistics are recorded by after_routing."""
         assert self.selection is not None and self.combination is not None
         view = self.routing_view(x)
-        gated, p, weights, tau, logits = run_route_and_gate(
-            self.combination, self.selection, a, routing_rows, view.log_g, scaling,
-            self.num_experts, self.rank, self.compile_mode)
-        self.after_routing(view, p, weights, tau, logits, p)
-        return gated
+        routed = run_route_and_gate(self.combination, self.selection, a, routing_rows,
+                                    view.log_g, scaling, self.num_experts, self.rank,
+                                    self.compiles(x))
+        self.after_routing(view, routed.p, routed.w, routed.tau, routed.logits, routed.p)
+        return routed.gated
 
     def delta_weight(self, expert_weights: Tensor) -> Tensor:
         """(d_out, d_in) fp64 update sum_i w_i * (alpha/r) B_i A_i for fixed weights (E,)."""

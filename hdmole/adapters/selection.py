@@ -14,42 +14,25 @@ from .config import AdapterConfig, ResolvedAdapter
 
 
 class Selection(nn.Module):
-    """Base class. `extra_rows` rows are appended to the layer's fused down-projection and
-    their outputs (fp32, plus `extra_bias`) are passed to forward as `extra`."""
-
-    extra_rows = 0
-    # Threshold strategies: forward(p, extra) == threshold_weights(p, self.threshold(extra)),
-    # which the fused routing (fused.gate_forward / gate_backward) computes with a hand-written
-    # backward.
-    thresholded = False
+    """Base class: forward maps p to (w, tau or None). `extra` is what the strategy reads from
+    the layer's input (fused.input_rows: rows of the layer's down-projection, plus their
+    bias), None for strategies that read nothing."""
 
     def __init__(self, cfg: AdapterConfig, resolved: ResolvedAdapter, in_features: int) -> None:
         super().__init__()
         self.num_experts = resolved.num_experts
 
     def threshold(self, extra: Tensor | None, dtype: torch.dtype) -> Tensor:
-        """tau (scalar or (*tokens, 1)) of a thresholded strategy."""
-        raise NotImplementedError(f"{type(self).__name__} has no threshold (thresholded = False)")
+        """tau (scalar or (*tokens, 1)) of a threshold strategy."""
+        raise NotImplementedError(f"{type(self).__name__} has no threshold")
 
     def forward(self, p: Tensor, extra: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Returns weights w (same shape as p) and tau (broadcastable to p[..., :1]) or None."""
         raise NotImplementedError
 
-    def extra_weight(self) -> Tensor | None:
-        return None
-
-    def extra_bias(self) -> Tensor | None:
-        return None
-
     def current_tau(self) -> float | None:
         """The layer's threshold now (None when per token or not a threshold strategy)."""
         return None
-
-    def threshold_logit(self) -> tuple[Tensor | None, float]:
-        """(logit, scale) with tau = scale * sigmoid(logit), or (None, tau) for a constant:
-        the per-layer threshold as FusedLayer computes it (inside the layer's one autograd
-        node). Only for thresholded strategies without extra rows."""
-        raise NotImplementedError(f"{type(self).__name__} has no per-layer threshold")
 
 
 class DenseSelection(Selection):
@@ -95,32 +78,31 @@ def threshold_weights(p: Tensor, tau: Tensor) -> Tensor:
     return excess / excess.sum(-1, keepdim=True)
 
 
-class FixedThresholdSelection(Selection):
-    thresholded = True
-
-    def __init__(self, cfg: AdapterConfig, resolved: ResolvedAdapter, in_features: int) -> None:
-        super().__init__(cfg, resolved, in_features)
-        self.register_buffer("tau", torch.tensor(resolved.fixed_tau), persistent=False)
-        self.tau_value = resolved.fixed_tau  # the same, as a Python float (no device read)
-
-    def threshold(self, extra: Tensor | None, dtype: torch.dtype) -> Tensor:
-        return self.tau.to(dtype)
+class ThresholdSelection(Selection):
+    """Threshold strategies: w = threshold_weights(p, threshold(extra)), the form whose
+    routing backward is written out (fused.gate_forward / gate_backward)."""
 
     def forward(self, p: Tensor, extra: Tensor | None) -> tuple[Tensor, Tensor | None]:
         tau = self.threshold(extra, p.dtype)
         return threshold_weights(p, tau), tau
 
+
+class FixedThresholdSelection(ThresholdSelection):
+    def __init__(self, cfg: AdapterConfig, resolved: ResolvedAdapter, in_features: int) -> None:
+        super().__init__(cfg, resolved, in_features)
+        self.register_buffer("tau", torch.tensor(resolved.fixed_tau), persistent=False)
+        # the same as a Python float: the fused layer's constant tau (no device read)
+        self.tau_value = resolved.fixed_tau
+
+    def threshold(self, extra: Tensor | None, dtype: torch.dtype) -> Tensor:
+        return self.tau.to(dtype)
+
     def current_tau(self) -> float | None:
         return float(self.tau)
 
-    def threshold_logit(self) -> tuple[Tensor | None, float]:
-        return None, self.tau_value
 
-
-class LayerThresholdSelection(Selection):
+class LayerThresholdSelection(ThresholdSelection):
     """HDMoLE: one learned threshold per layer, tau = tau_max * sigmoid(theta)."""
-
-    thresholded = True
 
     def __init__(self, cfg: AdapterConfig, resolved: ResolvedAdapter, in_features: int) -> None:
         super().__init__(cfg, resolved, in_features)
@@ -130,23 +112,13 @@ class LayerThresholdSelection(Selection):
     def threshold(self, extra: Tensor | None, dtype: torch.dtype) -> Tensor:
         return self.tau_max * torch.sigmoid(self.theta.to(dtype))
 
-    def forward(self, p: Tensor, extra: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        tau = self.threshold(extra, p.dtype)
-        return threshold_weights(p, tau), tau
-
     def current_tau(self) -> float | None:
         return float(self.tau_max * torch.sigmoid(self.theta.detach().float()))
 
-    def threshold_logit(self) -> tuple[Tensor | None, float]:
-        return self.theta, self.tau_max
 
-
-class TokenThresholdSelection(Selection):
+class TokenThresholdSelection(ThresholdSelection):
     """AdaMoLE: tau(x) = tau_max * sigmoid(w . x + b) per token; w is one extra row of the
-    layer's fused down-projection, so x is still read once."""
-
-    extra_rows = 1
-    thresholded = True
+    layer's down-projection (fused.input_rows), so x is still read once."""
 
     def __init__(self, cfg: AdapterConfig, resolved: ResolvedAdapter, in_features: int) -> None:
         super().__init__(cfg, resolved, in_features)
@@ -158,16 +130,6 @@ class TokenThresholdSelection(Selection):
         if extra is None:
             raise RuntimeError("token_threshold selection needs the threshold projection")
         return self.tau_max * torch.sigmoid(extra.to(dtype))
-
-    def forward(self, p: Tensor, extra: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        tau = self.threshold(extra, p.dtype)
-        return threshold_weights(p, tau), tau
-
-    def extra_weight(self) -> Tensor | None:
-        return self.weight
-
-    def extra_bias(self) -> Tensor | None:
-        return self.bias
 
 
 SELECTION_REGISTRY: dict[str, type[Selection]] = {

@@ -5,6 +5,8 @@
     hdmole-pretrained overrides PRETRAINED_DIR                 # Hydra overrides, one per line
     hdmole-pretrained base-overrides BASE_RUN_DIR              # the model keys a base run was built with
     hdmole-pretrained install PRETRAINED_DIR BASE_DIR [hydra overrides...] --corpus KEY
+    hdmole-pretrained plan-base --train-base auto|true|false --model M --pretrained DIR --corpus KEY \
+        --base-dir BASE_DIR --marker STAGE2_DONE --key TRAINED_KEY   # one line: existing|shipped|train REASON
 
 KEY is the corpus's stage-0 key (`hdmole-prepare corpus-id ...`, kept in data/<corpus>/.done/stage0).
 """
@@ -41,6 +43,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("base_dir", type=Path)
     p.add_argument("--corpus", required=True)
     p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("plan-base", help="stage 2's base model: the existing, the shipped or a trained one")
+    p.add_argument("--train-base", required=True, choices=("auto", "true", "false"))
+    p.add_argument("--model", required=True)
+    p.add_argument("--pretrained", required=True, help='the shipped base directory; "" = never use it')
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--base-dir", required=True, type=Path)
+    p.add_argument("--marker", required=True, type=Path, help="stage 2's done marker")
+    p.add_argument("--key", required=True, help="the settings of a base trained here (run.sh's marker key)")
     args = parser.parse_args(argv)
     setup_logging()
     from hdmole.train import pretrained as pt
@@ -58,6 +68,14 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(pt.model_overrides(args.pretrained_dir)))
     elif args.cmd == "base-overrides":
         print("\n".join(pt.base_model_overrides(args.base_dir)))
+    elif args.cmd == "plan-base":
+        try:
+            plan = pt.plan_base(args.train_base, args.model, args.pretrained, args.corpus, args.base_dir,
+                                args.marker, args.key)
+        except FileNotFoundError as e:
+            log.error("%s", e)
+            sys.exit(1)
+        print(plan.decision, plan.reason)
     else:
         pt.install_base(args.pretrained_dir, args.base_dir, args.corpus, args.overrides)
         log.info("base model %s installed from %s", args.base_dir, args.pretrained_dir)

@@ -20,7 +20,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -93,6 +93,44 @@ def check_corpus(pretrained_dir: str | Path, corpus: str) -> None:
                          f"'{corpus.strip()}': retrain the base (run.sh --train-base true)")
 
 
+class BasePlan(NamedTuple):
+    """Where stage 2's base model comes from: `existing` (kept as it is), `shipped` (installed
+    from pretrained/) or `train` (trained here; run.sh skips it when its marker is current)."""
+    decision: str
+    reason: str
+
+
+def plan_base(train_base: str, model: str, pretrained: str, corpus: str, base_dir: str | Path,
+              marker: str | Path, key: str) -> BasePlan:
+    """run.sh's --train-base auto|true|false. auto: the shipped base when the model is tiny,
+    `pretrained` is given and matches `corpus`, and this corpus's own base is not up to date
+    (`marker`, stage 2's done marker, does not hold `key`, the trained base's settings);
+    otherwise train. true: train (run.sh removes the old base first). false: the base in
+    `base_dir` must exist."""
+    if train_base == "false":
+        if not (Path(base_dir) / "model" / "done").is_file():
+            raise FileNotFoundError(f"--train-base false but no finished base model in {base_dir}")
+        return BasePlan("existing", f"--train-base false: the existing base model in {base_dir}")
+    if train_base == "true":
+        return BasePlan("train", "--train-base true: retraining from scratch")
+    if train_base != "auto":
+        raise ValueError(f"--train-base {train_base}: choose auto, true or false")
+    if model != "tiny":
+        return BasePlan("train", f"no shipped base for model {model}")
+    if not pretrained:
+        return BasePlan("train", "--pretrained '': never the shipped base")
+    marker = Path(marker)
+    if marker.is_file() and marker.read_text(encoding="utf-8").rstrip("\n") == key:  # as run_stage compares
+        return BasePlan("train", "the base trained here for this corpus is up to date")
+    try:
+        shipped = corpus_version(pretrained)
+    except FileNotFoundError:
+        return BasePlan("train", f"no shipped base in {pretrained} (no {CORPUS_FILE})")
+    if shipped != corpus.strip():
+        return BasePlan("train", f"shipped base {pretrained} was trained on corpus '{shipped}', not '{corpus.strip()}'")
+    return BasePlan("shipped", f"shipped base {pretrained} matches corpus '{shipped}'")
+
+
 def model_overrides(pretrained_dir: str | Path) -> list[str]:
     """Hydra overrides that make a run load the shipped encoder, LLM and projector shape."""
     d = Path(pretrained_dir)
@@ -120,14 +158,15 @@ def base_model_overrides(base_dir: str | Path) -> list[str]:
 
 
 def install_base(pretrained_dir: str | Path, base_dir: str | Path, corpus: str, overrides: Sequence[str] = ()) -> Path:
-    """Make `base_dir` a finished base run backed by the shipped model (checked against the
-    corpus version). `overrides`: the recipe's common Hydra overrides (data paths etc.)."""
+    """Replace `base_dir` by a finished base run backed by the shipped model (checked against
+    the corpus version). `overrides`: the recipe's common Hydra overrides (data paths etc.)."""
     from hdmole.config import compose_config, save_resolved
     from hdmole.provenance import save_provenance
     from hdmole.train.export import save_export
 
     pretrained_dir, base_dir = Path(pretrained_dir), Path(base_dir)
     check_corpus(pretrained_dir, corpus)
+    shutil.rmtree(base_dir, ignore_errors=True)  # nothing of a base trained there before stays
     cfg = compose_config([*overrides, "experiment=base_llm", *model_overrides(pretrained_dir), f"exp_dir={base_dir}"])
     # The shipped LLM and encoder are the pre-trained checkpoints now: only the projector is
     # the run's own tensor (what a paper-scale base trains, too).

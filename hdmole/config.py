@@ -31,7 +31,8 @@ RESOLVED_NAME = "config.yaml"  # the resolved config saved in every experiment d
 # Keys that saved configs of earlier versions may hold and that no longer exist, with what
 # replaced them: dropped (with a warning) when such a directory is read back, so that an
 # existing base model or run stays usable; a new config naming them still fails.
-RETIRED_KEYS = {("data", "feature_cache_dir"): "stored features: data.feature_storage (stage 1)"}
+RETIRED_KEYS = {("data", "feature_cache_dir"): "stored features: data.feature_storage (stage 1)",
+                ("train", "precision"): "model.dtype alone sets the compute dtype"}
 
 
 @dataclass

@@ -3,10 +3,9 @@ then a rerun (a no-op), then single stages with changed settings."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,33 +14,41 @@ import torch
 from hdmole.data.accents import ACCENTS
 from hdmole.score import read_keyed
 
-ROOT = Path(__file__).resolve().parents[1]
-TAG = f"pytest_recipe_{os.getpid()}"
-EXP = ROOT / "exp" / TAG
+from conftest import copy_recipe, recipe_env
+
+TAG = "pytest_recipe"
 # A few steps per phase: this checks the plumbing, not the accuracy (see README for real runs).
 FAST = ["--size", "ci", "--exp-tag", TAG, "--skip-setup", "true",
         "--base-args", "train.max_steps=3 train.valid_every=3 train.max_minutes=0 train.valid_max_batches=1",
         "--train-args", "train.max_steps=3 train.valid_every=2 train.max_minutes=0 train.valid_max_batches=1"]
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    r = subprocess.run([str(ROOT / "run.sh"), *FAST, *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, f"run.sh {' '.join(args)} failed:\n{r.stderr[-4000:]}"
-    return r
+@dataclass
+class Recipe:
+    root: Path  # a copy of the recipe (conftest.copy_recipe): data/ and exp/ are written there
+    exp: Path
+    seconds: float = 0.0
+
+    def run(self, *args: str) -> subprocess.CompletedProcess:
+        r = subprocess.run([str(self.root / "run.sh"), *FAST, *args], cwd=self.root, capture_output=True, text=True,
+                           timeout=900, env=recipe_env())
+        assert r.returncode == 0, f"run.sh {' '.join(args)} failed:\n{r.stderr[-4000:]}"
+        return r
 
 
 @pytest.fixture(scope="module")
-def recipe():
+def recipe(tmp_path_factory):
+    root = copy_recipe(tmp_path_factory.mktemp("recipe"))
+    recipe = Recipe(root, root / "exp" / TAG)
     start = time.time()
-    first = run()
-    yield first, time.time() - start
-    shutil.rmtree(EXP, ignore_errors=True)
+    recipe.run()
+    recipe.seconds = time.time() - start
+    return recipe
 
 
 @pytest.mark.slow
 def test_stages_0_to_5(recipe):
-    r, seconds = recipe
-    adapt = EXP / "hdmole"
+    adapt = recipe.exp / "hdmole"
     results = (adapt / "RESULTS.md").read_text()
     for accent in ACCENTS:
         assert f"| kespeech_test | {accent} |" in results
@@ -51,30 +58,30 @@ def test_stages_0_to_5(recipe):
         assert set(read_keyed(d / "hyp")) == set(read_keyed(d / "ref")) == set(read_keyed(d / "utt2accent"))
     assert (adapt / "plots" / "cer_per_accent.png").exists()
     assert (adapt / "plots" / "active_experts_per_layer.png").exists()
-    for run_dir in (EXP / "base_model_encoder", EXP / "base_model", adapt):  # provenance of every run
+    for run_dir in (recipe.exp / "base_model_encoder", recipe.exp / "base_model", adapt):  # provenance of every run
         for name in ("config.yaml", "command.txt", "git_revision.txt", "versions.json", "model/done"):
             assert (run_dir / name).exists(), run_dir / name
-    assert "--exp-tag" in (EXP / "run.sh.cmd").read_text()
+    assert "--exp-tag" in (recipe.exp / "run.sh.cmd").read_text()
     assert f"init_from: exp/{TAG}/base_model" in (adapt / "config.yaml").read_text()
-    print(f"ci recipe stages 0-5: {seconds:.0f} s")
+    print(f"ci recipe stages 0-5: {recipe.seconds:.0f} s")
 
 
 @pytest.mark.slow
 def test_rerun_is_noop_and_single_stages(recipe):
-    results = EXP / "hdmole" / "RESULTS.md"
+    results = recipe.exp / "hdmole" / "RESULTS.md"
     before = results.stat().st_mtime_ns
-    r = run()
+    r = recipe.run()
     assert r.stderr.count("up to date, skipped") >= 8, r.stderr[-3000:]
     assert "running:" not in r.stderr
     assert results.stat().st_mtime_ns == before
     # a changed decoding setting redoes stage 4 (and the scoring that depends on it) only
-    r = run("--stage", "4", "--stop-stage", "5", "--decode-args", "decode.max_new_tokens=4")
+    r = recipe.run("--stage", "4", "--stop-stage", "5", "--decode-args", "decode.max_new_tokens=4")
     assert "running: python -m hdmole.bin.decode" in r.stderr and "hdmole.bin.train" not in r.stderr
     assert results.stat().st_mtime_ns != before
     # the base-line preset decodes the base model without training anything
-    r = run("--stage", "3", "--stop-stage", "5", "--adapter", "base")
-    info = (EXP / "base" / "model" / "info.json")
-    assert info.exists() and "| trainable parameters | 0 |" in (EXP / "base" / "RESULTS.md").read_text()
+    r = recipe.run("--stage", "3", "--stop-stage", "5", "--adapter", "base")
+    info = (recipe.exp / "base" / "model" / "info.json")
+    assert info.exists() and "| trainable parameters | 0 |" in (recipe.exp / "base" / "RESULTS.md").read_text()
 
 
 @pytest.mark.slow
@@ -86,8 +93,8 @@ def test_decode_checkpoint_best_or_last(recipe, monkeypatch):
     from hdmole.config import load_resolved, to_object
     from hdmole.train.checkpoint import load_checkpoint
 
-    monkeypatch.chdir(ROOT)  # the run's config names its data and base relative to the repository
-    run_dir = EXP / "hdmole"
+    monkeypatch.chdir(recipe.root)  # the run's config names its data and base relative to the recipe
+    run_dir = recipe.exp / "hdmole"
     cfg = to_object(load_resolved(run_dir, []))
     last = load_checkpoint(run_dir / "checkpoints" / "last.pt")["trainable"]
     export = load_file(str(run_dir / "model" / "weights.safetensors"))
@@ -108,12 +115,12 @@ def test_paper_comparison_sweep_chooses_on_dev_and_reports(recipe, tmp_path):
     decodes nothing again."""
     out = tmp_path / "RESULTS.md"
     out.write_text("# kept prose\n", encoding="utf-8")
-    args = [str(ROOT / "recipes" / "paper_comparison.sh"), *FAST[:FAST.index("--train-args")],
+    args = [str(recipe.root / "recipes" / "paper_comparison.sh"), *FAST[:FAST.index("--train-args")],
             "--presets", "lora hdmole", "--lrs", "1e-3,2e-2", "--seeds", "0,1", "--launcher", "basic",
             "--train-args", "train.max_steps=2 train.valid_every=2", "--out", str(out)]
-    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(args, cwd=recipe.root, capture_output=True, text=True, timeout=900, env=recipe_env())
     assert r.returncode == 0, r.stderr[-4000:]
-    sweep = EXP / "sweep"
+    sweep = recipe.exp / "sweep"
     for preset in ("lora", "hdmole"):
         dev = {d.name[len("lr"):-len("_seed0")]: json.loads((d / "model_info.json").read_text())["best_metric"]
                for d in (sweep / preset).glob("lr*_seed0")}
@@ -131,7 +138,7 @@ def test_paper_comparison_sweep_chooses_on_dev_and_reports(recipe, tmp_path):
     assert (tmp_path / "docs" / "results" / "comparison_cer.png").exists()
     marker = sweep / "hdmole" / f"lr{chosen}_seed1" / "decode" / ".model_done"
     before = marker.stat().st_mtime_ns
-    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(args, cwd=recipe.root, capture_output=True, text=True, timeout=900, env=recipe_env())
     assert r.returncode == 0, r.stderr[-4000:]
     assert marker.stat().st_mtime_ns == before and "training already finished" in r.stderr
     assert out.read_text(encoding="utf-8").count("paper_results.py report: begin") == 1
@@ -146,8 +153,8 @@ def test_encoder_cache_fill_leaves_the_random_state_alone(recipe, tmp_path, monk
     from hdmole.config import load_resolved, to_object
     from hdmole.experiment import TARGET, attach_encoder_cache, build_model
 
-    monkeypatch.chdir(ROOT)
-    cfg = to_object(load_resolved(EXP / "hdmole", []))
+    monkeypatch.chdir(recipe.root)
+    cfg = to_object(load_resolved(recipe.exp / "hdmole", []))
     cfg.data = replace(cfg.data, encoder_cache_dir=str(tmp_path / "encoder_out"))
     cut_sets = [cfg.data.feature_cuts_path(TARGET, "train"), cfg.data.feature_cuts_path(TARGET, "dev")]
     for fills in (True, False):  # computed, then loaded from disk

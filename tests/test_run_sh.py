@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import copy_recipe, recipe_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 DEMO = """
@@ -70,11 +72,10 @@ def test_run_sh_help_and_missing_base(tmp_path: Path):
     r = run_sh("--help")
     assert r.returncode == 0 and "--stop-stage" in r.stdout and "--adapter" in r.stdout
     # a stage whose input is missing fails clearly and leaves no done marker behind
-    tag = f"pytest_{tmp_path.name}"
-    r = run_sh("--stage", "3", "--stop-stage", "3", "--exp-tag", tag, "--size", "ci")
-    try:
-        assert r.returncode != 0 and "no finished base model" in r.stderr
-        assert not list((ROOT / "exp" / tag).glob(".done/*"))
-        assert "--exp-tag" in (ROOT / "exp" / tag / "run.sh.cmd").read_text()
-    finally:
-        subprocess.run(["rm", "-rf", str(ROOT / "exp" / tag)])
+    recipe = copy_recipe(tmp_path / "recipe")
+    r = subprocess.run([str(recipe / "run.sh"), "--skip-setup", "true", "--stage", "3", "--stop-stage", "3",
+                        "--exp-tag", "t", "--size", "ci"], cwd="/", capture_output=True, text=True, timeout=60,
+                       env=recipe_env())
+    assert r.returncode != 0 and "no finished base model" in r.stderr
+    assert not list((recipe / "exp" / "t").glob(".done/*"))
+    assert "--exp-tag" in (recipe / "exp" / "t" / "run.sh.cmd").read_text()

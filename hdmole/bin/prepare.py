@@ -20,10 +20,6 @@ from hdmole.data.prepare import CorpusError
 
 log = logging.getLogger("hdmole.prepare")
 
-# Text pre-training steps of the tiny LM (teaches it the corpus language before speech);
-# `hdmole-prepare tiny --text-steps N ...` overrides it.
-TINY_TEXT_PRETRAIN_STEPS = 200
-
 
 def step_corpus(cfg, **_) -> None:
     data = cfg.data
@@ -81,7 +77,9 @@ def training_sentences(cfg) -> list[str]:
     return sentences
 
 
-def step_tiny(cfg, text_steps: int = TINY_TEXT_PRETRAIN_STEPS) -> None:
+def step_tiny(cfg, **pretraining) -> None:
+    """Tiny Whisper/Qwen2 checkpoints; `--text-steps N`: N steps of text pre-training of the LM
+    first (teaches it the corpus language; default: write_tiny_checkpoints's)."""
     from hdmole.model.tiny import write_tiny_checkpoints
 
     enc, llm = Path(cfg.model.encoder_dir), Path(cfg.model.llm_dir)
@@ -89,7 +87,7 @@ def step_tiny(cfg, text_steps: int = TINY_TEXT_PRETRAIN_STEPS) -> None:
         raise ValueError(f"tiny checkpoints are written as <dir>/whisper and <dir>/qwen; got "
                          f"model.encoder_dir={enc} model.llm_dir={llm}")
     sentences = training_sentences(cfg)
-    write_tiny_checkpoints(enc.parent, sentences, seed=cfg.train.seed, pretrain_steps=text_steps)
+    write_tiny_checkpoints(enc.parent, sentences, seed=cfg.train.seed, **pretraining)
     log.info("tiny checkpoints in %s (tokenizer from %d training sentences)", enc.parent, len(sentences))
 
 
@@ -120,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     step, rest = argv[0], argv[1:]
     kwargs = {}
     if step == "tiny" and rest[:1] == ["--text-steps"]:
-        kwargs["text_steps"], rest = int(rest[1]), rest[2:]
+        kwargs["pretrain_steps"], rest = int(rest[1]), rest[2:]
     cfg = to_object(compose_config(rest))
     try:
         STEPS[step](cfg, **kwargs)

@@ -35,9 +35,6 @@ class TrainConfig:
     # first, for debugging. A non-finite *loss* always stops (it names the layer).
     max_skipped_steps: int = 0
     accum_steps: int = 1
-    # auto: bf16 autocast on CUDA, fp32 on CPU. Explicit: fp32 | bf16. A model with its own
-    # compute dtype (LLMASR: model.dtype) decides; an explicit value must agree with it.
-    precision: str = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
     deterministic: bool = False  # torch.use_deterministic_algorithms (exact resume tests)

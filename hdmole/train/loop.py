@@ -81,31 +81,11 @@ def resolve_device(spec: str, info: DistInfo) -> torch.device:
     return torch.device(spec)
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA by default; fp32 on CPU unless bf16 is asked for explicitly."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp32":
-        return None
-    raise ValueError(f"train.precision={precision!r}; choose auto, fp32 or bf16")
-
-
-def model_autocast_dtype(model: nn.Module, precision: str, device: torch.device) -> torch.dtype | None:
-    """The training autocast dtype. A model that autocasts itself (LLMASR: its
-    `compute_dtype`, from model.dtype, wins over any outer autocast) decides it; an explicit
-    train.precision that contradicts it is an error rather than silently ignored."""
-    wanted = autocast_dtype(precision, device)
+def model_autocast_dtype(model: nn.Module) -> torch.dtype | None:
+    """The training autocast dtype: the model's own compute dtype (LLMASR: model.dtype, which its
+    forward autocasts to and FSDP gathers parameters in); None (fp32) for a model without one."""
     own = getattr(model, "compute_dtype", None)
-    if own is None:
-        return wanted
-    own = None if own == torch.float32 else own
-    if precision != "auto" and wanted != own:
-        raise ValueError(f"train.precision={precision!r} contradicts the model's compute dtype "
-                         f"{model.compute_dtype} (model.dtype, which the model autocasts to): "
-                         "set model.dtype instead, or leave train.precision=auto")
-    return own
+    return None if own in (None, torch.float32) else own
 
 
 class Trainer:
@@ -123,7 +103,7 @@ class Trainer:
         self.ckpt_dir = self.exp_dir / "checkpoints"
         self.info = dist_info or DistInfo()
         self.device = resolve_device(cfg.device, self.info)
-        self.amp_dtype = model_autocast_dtype(model, cfg.precision, self.device)
+        self.amp_dtype = model_autocast_dtype(model)
         self.model = model.to(self.device)
         self.train_batches = train_batches
         self.validate = validate

@@ -1,18 +1,31 @@
 """What several test files share. Tests write only under temporary paths: run.sh runs in a copy
-of the recipe, and hypothesis keeps no example database in the checkout."""
+of the recipe, and hypothesis keeps its database and caches out of the checkout."""
 from __future__ import annotations
 
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
 settings.register_profile("no_database", database=None)
 settings.load_profile("no_database")
+
+
+def pytest_configure(config) -> None:
+    """hypothesis caches what it learns (examples, constants of the tested modules, read at
+    collection) in ./.hypothesis by default: a temporary directory instead, removed at the end."""
+    config.hypothesis_home = tempfile.mkdtemp(prefix="hdmole-hypothesis-")
+    set_hypothesis_home_dir(config.hypothesis_home)
+
+
+def pytest_unconfigure(config) -> None:
+    shutil.rmtree(getattr(config, "hypothesis_home", ""), ignore_errors=True)
 
 
 def copy_recipe(dest: Path) -> Path:

@@ -144,6 +144,11 @@ def _chunks(cuts, size: int) -> Iterator[CutSet]:
         yield CutSet.from_cuts(batch)
 
 
+def storage_root(out_path: Path) -> Path:
+    """Where the features of the cut manifest `out_path` are stored: <dir>/<corpus>_<split>/."""
+    return out_path.parent / out_path.name.split(".")[0]
+
+
 def compute_features(cfg: DataConfig, cuts_path: Path, out_path: Path, num_mel_bins: int, pool=None) -> dict:
     """Stored features for every cut of `cuts_path`; the cuts with features go to `out_path`.
 
@@ -155,9 +160,9 @@ def compute_features(cfg: DataConfig, cuts_path: Path, out_path: Path, num_mel_b
     """
     from lhotse import load_manifest_lazy
 
-    storage_root = out_path.parent / out_path.name.split(".")[0]
-    shutil.rmtree(storage_root, ignore_errors=True)  # no chunk of an earlier, longer cut set survives
-    storage_root.mkdir(parents=True)
+    storage = storage_root(out_path)
+    shutil.rmtree(storage, ignore_errors=True)  # no chunk of an earlier, longer cut set survives
+    storage.mkdir(parents=True)
     extractor = WhisperLogMel(WhisperLogMelConfig(num_mel_bins))
     writer = storage_writer(cfg)
     counts = {"cuts": 0, "frames": 0, "hours": 0.0}
@@ -165,7 +170,7 @@ def compute_features(cfg: DataConfig, cuts_path: Path, out_path: Path, num_mel_b
     with atomic_output(out_path) as tmp, CutSet.open_writer(tmp) as out, \
             tqdm(desc=f"features {cuts_path.name}", unit="cut") as progress:
         for index, chunk in enumerate(_chunks(cuts, CHUNK_CUTS)):
-            done = chunk.compute_and_store_features(extractor, storage_root / f"{index:05d}",
+            done = chunk.compute_and_store_features(extractor, storage / f"{index:05d}",
                                                     num_jobs=cfg.num_jobs if pool else 1, storage_type=writer,
                                                     executor=pool, progress_bar=False)
             lost = sorted(set(chunk.ids) - set(done.ids))
@@ -199,7 +204,7 @@ def compute_all_features(cfg: DataConfig, num_mel_bins: int) -> dict:
                 out_path = cfg.feature_cuts_path(corpus, split)
                 start = time.time()
                 counts = compute_features(cfg, cfg.cuts_path(corpus, split), out_path, num_mel_bins, pool)
-                files = [f for f in (out_path.parent / out_path.name.split(".")[0]).rglob("*") if f.is_file()]
+                files = [f for f in storage_root(out_path).rglob("*") if f.is_file()]
                 counts.update(seconds=round(time.time() - start, 1), files=len(files),
                               bytes=sum(f.stat().st_size for f in files))
                 report["cut_sets"][f"{corpus}_{split}"] = counts
